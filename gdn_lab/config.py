@@ -1,0 +1,296 @@
+"""Configuration: `ModelConfig`, `TrainConfig`, named presets and hybrid layer patterns.
+
+Flat dataclasses of plain literals, so a notebook's `parameters` cell and papermill can set
+every field. Both validate on construction and raise `ConfigError` with one line that says
+what to change.
+
+    >>> cfg = ModelConfig(hidden_size=768, num_layers=12, num_heads=12, head_dim=64,
+    ...                   attn_layers="sparse")
+    >>> cfg.attn_layers, cfg.attention_ratio
+    ((5, 11), 0.1666...)
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+
+MIXERS = ("gdn", "attn")
+BACKENDS = ("auto", "fla", "torch")
+HYBRID_PATTERNS = ("gdn", "transformer", "sparse", "alternating", "late")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message says what to change."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def evenly_spaced_layers(num_attn: int, num_layers: int) -> tuple[int, ...]:
+    """`num_attn` layer indices spread evenly over `num_layers`, the last one at the top layer.
+
+    The seed's k/12 hybrids do not say where their attention layers sit; gdn_lab spaces them
+    evenly ending at the last layer: 2 of 12 -> (5, 11), 3 of 12 -> (3, 7, 11).
+    """
+    _require(0 <= num_attn <= num_layers,
+             f"cannot place {num_attn} attention layers in a {num_layers}-layer model")
+    if num_attn == 0:
+        return ()
+    stride = num_layers / num_attn
+    return tuple(sorted({num_layers - 1 - int(round(i * stride)) for i in range(num_attn)}))
+
+
+def hybrid_layers(pattern: str, num_layers: int) -> tuple[int, ...]:
+    """Attention-layer indices for a named hybrid pattern.
+
+    Patterns (the seed's exp7/exp10 study, generalised to any depth):
+      gdn          no attention (0%)
+      transformer  every layer attention (100%)
+      sparse       middle and last layer: (5, 11) of 12 (17%)
+      alternating  every other layer, ending at the top: (1, 3, ..., 11) of 12 (50%)
+      late         the last third: (8, 9, 10, 11) of 12 (33%)
+      ratio:P      round(P% of the layers), evenly spaced ending at the last: ratio:25 -> 3 of 12
+      k/N          k attention layers when num_layers == N, evenly spaced: 1/12 (8%), 5/12 (42%)
+    """
+    n = num_layers
+    if pattern == "gdn":
+        return ()
+    if pattern == "transformer":
+        return tuple(range(n))
+    if pattern == "sparse":
+        return evenly_spaced_layers(min(2, n), n)
+    if pattern == "alternating":
+        return tuple(range(1, n, 2)) if n > 1 else (0,)
+    if pattern == "late":
+        return tuple(range(n - max(1, n // 3), n))
+    if m := re.fullmatch(r"ratio:(\d+(?:\.\d+)?)", pattern):
+        return evenly_spaced_layers(int(round(float(m.group(1)) / 100 * n)), n)
+    if m := re.fullmatch(r"(\d+)/(\d+)", pattern):
+        k, total = int(m.group(1)), int(m.group(2))
+        _require(total == n, f"pattern {pattern!r} is for {total} layers but num_layers={n}; "
+                             f"use '{k * n // total}/{n}' or 'ratio:{100 * k / total:.0f}'")
+        return evenly_spaced_layers(k, n)
+    raise ConfigError(f"unknown hybrid pattern {pattern!r}; use one of {HYBRID_PATTERNS}, "
+                      f"'ratio:25' or 'k/N' such as '2/12'")
+
+
+@dataclass
+class ModelConfig:
+    """A causal LM over a per-layer mixer list ('gdn' or 'attn' per layer).
+
+    GDN fields follow `fla.layers.GatedDeltaNet` (flash-linear-attention 0.6.0): per head the
+    key dim is `head_dim` and the value dim `head_dim * expand_v`; the recurrent state of one
+    layer is `num_heads x head_dim x head_dim*expand_v` per sequence.
+    `attn_layers` takes indices or a pattern name (see `hybrid_layers`), resolved to indices.
+    `use_decay=False` is the DeltaNet ablation (alpha_t = 1: no forgetting gate).
+    """
+
+    vocab_size: int = 256
+    hidden_size: int = 128
+    num_layers: int = 4
+    attn_layers: tuple[int, ...] | str = ()
+    # Gated DeltaNet mixer
+    num_heads: int = 4
+    head_dim: int = 32
+    expand_v: float = 2.0
+    use_gate: bool = True
+    use_short_conv: bool = True
+    conv_size: int = 4
+    allow_neg_eigval: bool = False
+    use_decay: bool = True
+    # softmax attention mixer (SDPA + RoPE)
+    attn_num_heads: int = 4
+    attn_num_kv_heads: int | None = None
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    # MLP (SwiGLU) and the rest
+    hidden_ratio: int = 4
+    intermediate_size: int | None = None
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    initializer_range: float = 0.02
+    backend: str = "auto"
+
+    def __post_init__(self):
+        if isinstance(self.attn_layers, str):
+            self.attn_layers = hybrid_layers(self.attn_layers, self.num_layers)
+        self.attn_layers = tuple(sorted(int(i) for i in self.attn_layers))
+        _require(self.vocab_size > 0, f"vocab_size must be positive, got {self.vocab_size}")
+        _require(self.hidden_size > 0 and self.num_layers > 0,
+                 f"hidden_size and num_layers must be positive, got {self.hidden_size}, {self.num_layers}")
+        bad = [i for i in self.attn_layers if not 0 <= i < self.num_layers]
+        _require(not bad, f"attn_layers {bad} out of range for num_layers={self.num_layers}; "
+                          f"use indices 0..{self.num_layers - 1}")
+        _require(len(set(self.attn_layers)) == len(self.attn_layers),
+                 f"attn_layers has duplicates: {self.attn_layers}")
+        _require(self.backend in BACKENDS, f"backend={self.backend!r}; use one of {BACKENDS}")
+        if self.num_gdn_layers:
+            _require(self.num_heads > 0 and self.head_dim > 0,
+                     f"num_heads and head_dim must be positive, got {self.num_heads} x {self.head_dim}")
+            v = self.head_dim * self.expand_v
+            _require(math.isclose(v, round(v)),
+                     f"head_dim * expand_v = {self.head_dim} * {self.expand_v} = {v} is not an integer; "
+                     f"pick expand_v so the value head dim is whole")
+            _require(self.conv_size >= 2 or not self.use_short_conv,
+                     f"conv_size={self.conv_size}; use >= 2 or use_short_conv=False")
+        if self.num_attn_layers:
+            _require(self.hidden_size % self.attn_num_heads == 0,
+                     f"hidden_size={self.hidden_size} is not divisible by attn_num_heads={self.attn_num_heads}; "
+                     f"pick attn_num_heads from {[h for h in (1, 2, 4, 8, 12, 16) if self.hidden_size % h == 0]}")
+            kv = self.attn_num_kv_heads or self.attn_num_heads
+            _require(self.attn_num_heads % kv == 0,
+                     f"attn_num_heads={self.attn_num_heads} is not divisible by attn_num_kv_heads={kv}")
+            _require((self.hidden_size // self.attn_num_heads) % 2 == 0,
+                     f"attention head dim {self.hidden_size // self.attn_num_heads} must be even for RoPE")
+
+    @property
+    def mixers(self) -> tuple[str, ...]:
+        """Per-layer mixer names, e.g. ('gdn', 'gdn', 'attn', 'gdn')."""
+        return tuple("attn" if i in self.attn_layers else "gdn" for i in range(self.num_layers))
+
+    @property
+    def num_attn_layers(self) -> int:
+        return len(self.attn_layers)
+
+    @property
+    def num_gdn_layers(self) -> int:
+        return self.num_layers - len(self.attn_layers)
+
+    @property
+    def attention_ratio(self) -> float:
+        return len(self.attn_layers) / self.num_layers
+
+    @property
+    def head_v_dim(self) -> int:
+        return int(round(self.head_dim * self.expand_v))
+
+    @property
+    def mlp_intermediate_size(self) -> int:
+        """FLA's GatedMLP rule: 2/3 * hidden * ratio rounded up to a multiple of 256."""
+        if self.intermediate_size is not None:
+            return self.intermediate_size
+        size = int(self.hidden_size * self.hidden_ratio * 2 / 3)
+        return 256 * ((size + 255) // 256)
+
+    def replace(self, **changes) -> ModelConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainConfig:
+    """The one training loop's settings.
+
+    `batch_size` is the global batch in sequences per optimizer step: each of `world_size`
+    processes runs `grad_accum` micro-batches of `batch_size / (grad_accum * world_size)`.
+    `lr` peaks after `warmup_steps` and decays by cosine to `lr * min_lr_ratio` at `steps`.
+    """
+
+    steps: int = 200
+    batch_size: int = 8
+    seq_len: int = 256
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    eval_batches: int = 4
+    save_every: int = 0
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
+        _require(self.lr > 0, f"lr must be positive, got {self.lr}")
+        _require(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _require(0 <= self.warmup_steps < self.steps or self.steps == 1,
+                 f"warmup_steps={self.warmup_steps} must be below steps={self.steps}")
+        _require(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
+        _require(self.batch_size % self.grad_accum == 0,
+                 f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
+        _require(self.dtype in ("auto", "float32", "bfloat16", "float16"),
+                 f"dtype={self.dtype!r}; use 'auto', 'float32', 'bfloat16' or 'float16'")
+
+    def micro_batch_size(self, world_size: int = 1) -> int:
+        """Sequences per micro-step on one process; one-line error when it does not divide."""
+        per_step = self.grad_accum * world_size
+        _require(self.batch_size % per_step == 0,
+                 f"batch_size={self.batch_size} is not divisible by grad_accum x world_size = "
+                 f"{self.grad_accum} x {world_size}; pick a batch_size that is a multiple of {per_step}")
+        return self.batch_size // per_step
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named model size with the training defaults that came with it."""
+
+    name: str
+    model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    source: str = ""
+
+
+def _gdn_lm(hidden: int, layers: int, heads: int = 4, head_dim: int = 64, expand_v: float = 1.0,
+            **kw) -> ModelConfig:
+    return ModelConfig(hidden_size=hidden, num_layers=layers, num_heads=heads, head_dim=head_dim,
+                       expand_v=expand_v, attn_num_heads=max(1, hidden // 64), **kw)
+
+
+# The seed trainer (blueberry exp6): 4 key heads, 4 value heads, head dims 64 (expand_v 1), conv 4.
+# Sequence length 256 unless the seed said otherwise; vocab is set by the tokenizer at build time.
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset("tiny", _gdn_lm(64, 2, heads=2, head_dim=16, expand_v=2.0),
+               TrainConfig(steps=60, batch_size=8, seq_len=64, warmup_steps=5, eval_every=20),
+               "gdn_lab: CPU smoke runs"),
+        Preset("small", _gdn_lm(128, 4), TrainConfig(steps=1000, batch_size=2),
+               "seed exp6 small (~2M)"),
+        Preset("medium", _gdn_lm(256, 8), TrainConfig(steps=2000, batch_size=4),
+               "seed exp6 medium (~15M)"),
+        Preset("large", _gdn_lm(512, 12), TrainConfig(steps=5000, batch_size=8),
+               "seed exp6 large (~60M)"),
+        Preset("rtx4090", _gdn_lm(768, 12), TrainConfig(steps=2000, batch_size=32),
+               "seed exp6 rtx4090 (~100M)"),
+        Preset("xlarge", _gdn_lm(1024, 16), TrainConfig(steps=10000, batch_size=4),
+               "seed exp6 xlarge (~200M)"),
+        Preset("h100", _gdn_lm(768, 12, heads=12, head_dim=64),
+               TrainConfig(steps=1000, batch_size=48, seq_len=1024, lr=1e-3),
+               "seed exp10 hybrid study: 768d x 12L x 12 heads, seq 1024, batch 48"),
+        # FLA quick-reference model configs (GatedDeltaNetConfig defaults: expand_v 2).
+        Preset("fla-tiny", _gdn_lm(256, 6, heads=4, head_dim=64, expand_v=2.0), source="FLA quick reference tiny"),
+        Preset("fla-small", _gdn_lm(768, 12, heads=12, head_dim=64, expand_v=2.0),
+               source="FLA quick reference small (~124M at GPT-2 vocab)"),
+        Preset("fla-medium", _gdn_lm(1024, 24, heads=16, head_dim=64, expand_v=2.0),
+               source="FLA quick reference medium (~350M)"),
+        Preset("fla-large", _gdn_lm(1280, 36, heads=20, head_dim=64, expand_v=2.0),
+               source="FLA quick reference large (~774M)"),
+    ]
+}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called `name`; one-line error listing the names otherwise."""
+    _require(name in PRESETS, f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return PRESETS[name]
