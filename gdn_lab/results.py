@@ -1,0 +1,61 @@
+"""Results on disk: every JSON carries where it came from.
+
+`save_results` stamps a payload with the device, versions, git commit, config and seed, so a
+figure can be traced to what made it. `write_metrics` is the last cell of every notebook:
+the runner and the notebook tests read `run_dir/metrics.json`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import tempfile
+from typing import Any
+
+from .env import environment_report
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _jsonable(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # torch / numpy scalars
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def write_json(path: str | os.PathLike, payload: Any) -> pathlib.Path:
+    """Write JSON atomically (temp file in the same folder, then rename)."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(_jsonable(payload), f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def save_results(path: str | os.PathLike, results: Any, *, config: Any = None, seed: int | None = None,
+                 device: str = "auto") -> pathlib.Path:
+    """`{"environment": ..., "config": ..., "seed": ..., "results": ...}` written to `path`."""
+    payload = {"environment": environment_report(device), "config": config, "seed": seed, "results": results}
+    return write_json(path, payload)
+
+
+def write_metrics(run_dir: str | os.PathLike, metrics: dict) -> pathlib.Path:
+    """A notebook's summary numbers -> `run_dir/metrics.json` (read by the runner and tests)."""
+    return write_json(pathlib.Path(run_dir) / "metrics.json", metrics)
+
+
+def load_json(path: str | os.PathLike) -> Any:
+    return json.loads(pathlib.Path(path).read_text())
