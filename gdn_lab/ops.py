@@ -1,4 +1,4 @@
-"""Pure-torch Gated DeltaNet math: the readable reference (fp32 inside).
+"""Pure-torch Gated DeltaNet math: the readable reference (fp32 inside, outputs in the input dtype).
 
 Per head, with state S in R^{K x V}, inputs prepared by the layer (q, k L2-normalised):
 
@@ -6,12 +6,31 @@ Per head, with state S in R^{K x V}, inputs prepared by the layer (q, k L2-norma
     o_t = S_t^T (scale * q_t)
 
 Shapes: q, k [B, T, H, K]; v [B, T, H, V]; g, beta [B, T, H]; states [B, H, K, V].
+
+Three entry points: `recurrent_gated_delta_rule` (one step at a time; the reference, and the
+decode step), `chunk_gated_delta_rule` (the same numbers, a chunk of steps at a time; what
+training and prefill use) and `gated_delta_rule` (picks one of the two, as the layer does).
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
+
+
+def _check_inputs(q, k, v, g, beta, initial_state) -> None:
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if k.shape != q.shape:
+        raise ValueError(f"k must have q's shape [B, T, H, K] = {list(q.shape)}; got {list(k.shape)}")
+    if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must be [B, T, H, V] with [B, T, H] = {list(q.shape[:3])}; got {list(v.shape)}")
+    for name, x in (("g", g), ("beta", beta)):
+        if x.shape != q.shape[:3]:
+            raise ValueError(f"{name} must be [B, T, H] = {list(q.shape[:3])}; got {list(x.shape)}")
+    if initial_state is not None and initial_state.shape != (B, H, K, V):
+        raise ValueError(f"initial_state must be [B, H, K, V] = {[B, H, K, V]}; got {list(initial_state.shape)}")
 
 
 def recurrent_gated_delta_rule(
@@ -26,10 +45,14 @@ def recurrent_gated_delta_rule(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The recurrence one step at a time.
 
-    Returns (o [B,T,H,V] in q's dtype, final state [B,H,K,V] fp32, states or None) where
+    Args: q, k [B, T, H, K]; v [B, T, H, V]; g (log alpha, <= 0), beta [B, T, H];
+    initial_state [B, H, K, V] (zeros when None); scale (K ** -0.5 when None).
+
+    Returns (o [B, T, H, V] in q's dtype, final state [B, H, K, V] fp32, states or None) where
     `states` is [B, len(steps), H, K, V]: S_t after step t for the sorted, distinct t in
     `state_steps` ("all" for every step; negative indices count from the end).
     """
+    _check_inputs(q, k, v, g, beta, initial_state)
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K ** -0.5 if scale is None else scale
@@ -37,15 +60,127 @@ def recurrent_gated_delta_rule(
     q, k, v, g, beta = (x.float() for x in (q, k, v, g, beta))
     S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.float().clone()
     steps = range(T) if state_steps == "all" else (state_steps or ())
-    wanted = {int(t) % T for t in steps} if T else set()
-    kept, o = [], q.new_empty(B, T, H, V)
+    if any(not -T <= int(t) < T for t in steps):
+        raise IndexError(f"state_steps must lie in [-T, T) = [{-T}, {T}); got {list(steps)}")
+    wanted = {int(t) % T for t in steps}
+    kept, outputs = [], []
     for t in range(T):
         k_t, v_t, b_t = k[:, t], v[:, t], beta[:, t, :, None]
         S = S * g[:, t].exp()[..., None, None]                    # alpha_t S_{t-1}
         v_old = torch.einsum("bhk,bhkv->bhv", k_t, S)             # S^T k_t: what the state holds at k_t
         S = S + torch.einsum("bhk,bhv->bhkv", k_t, b_t * (v_t - v_old))  # delta-rule write
-        o[:, t] = torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S)
+        outputs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S))
         if t in wanted:
             kept.append(S)
-    states = torch.stack(kept, dim=1) if state_steps is not None and kept else None
+    o = torch.stack(outputs, dim=1) if outputs else q.new_zeros(B, 0, H, V)
+    states = torch.stack(kept, dim=1) if kept else None
     return o.to(dtype), S, states
+
+
+def _to_chunks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """[B, T, H, D] -> [B, H, N, C, D] in fp32, zero-padded at the end of time to N * C steps."""
+    B, T, H, D = x.shape
+    num_chunks = -(-T // chunk_size)
+    x = F.pad(x.float().transpose(1, 2), (0, 0, 0, num_chunks * chunk_size - T))
+    return x.reshape(B, H, num_chunks, chunk_size, D)
+
+
+def chunk_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    scale: float | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recurrence computed a chunk of C steps at a time (the WY / UT-transform form).
+
+    Args: q, k [B, T, H, K]; v [B, T, H, V]; g (log alpha, <= 0), beta [B, T, H], beta in (0, 2);
+    initial_state [B, H, K, V] (zeros when None); scale (K ** -0.5 when None); chunk_size C.
+    Returns (o [B, T, H, V] in q's dtype, final state [B, H, K, V] fp32), equal to
+    `recurrent_gated_delta_rule` up to fp32 rounding. Any T >= 1: the tail is padded with
+    steps that leave the state alone (g = 0, beta = 0); T < C runs as one chunk of T.
+
+    Within one chunk, steps r = 1..C, S the state entering the chunk, gamma_r = g_1 + ... + g_r
+    the cumulative log-decay, and K, V, Q the chunk's rows k_r, v_r, q_r:
+
+    WY representation. Each step adds a rank-one term, so for some pseudo-values u_s
+        S_r = exp(gamma_r) S + sum_{s <= r} exp(gamma_r - gamma_s) k_s u_s^T.
+    Putting this into the recurrence, u_r = beta_r (v_r - (alpha_r S_{r-1})^T k_r), gives a
+    unit lower-triangular system for U = [u_1; ...; u_C]:
+        (I + A) U = diag(beta) V - diag(beta exp(gamma)) K S,
+        A_rs = beta_r exp(gamma_r - gamma_s) k_r . k_s  for s < r, else 0.
+    UT transform. With T = (I + A)^{-1} (one triangular solve, independent of S, so done for
+    every chunk at once):
+        U = U_v - W S,    U_v = T diag(beta) V,    W = T diag(beta exp(gamma)) K.
+    Output, with D_rs = exp(gamma_r - gamma_s) for s <= r and 0 above the diagonal:
+        O = diag(exp(gamma)) Q S + (Q K^T * D) U.
+    Chunk state update, with the keys decayed to the chunk's end k~_s = exp(gamma_C - gamma_s) k_s:
+        S_next = exp(gamma_C) S + K~^T U = (exp(gamma_C) I - K~^T W) S + K~^T U_v.
+    Only this last line runs chunk after chunk ([K, K] @ [K, V] per chunk); everything else is
+    batched over chunks. Every exponent above is a difference gamma_r - gamma_s with s <= r, so
+    <= 0 for g <= 0: entries above the diagonal are masked to -inf before exp, never overflow.
+    """
+    _check_inputs(q, k, v, g, beta, initial_state)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if T < 1 or chunk_size < 1:
+        raise ValueError(f"chunk_gated_delta_rule needs T >= 1 and chunk_size >= 1; got T={T}, chunk_size={chunk_size}")
+    scale = K ** -0.5 if scale is None else scale
+    dtype = q.dtype
+    C = min(chunk_size, T)
+    q, k, v = (_to_chunks(x, C) for x in (q * scale, k, v))          # [B, H, N, C, K or V]
+    g, beta = (_to_chunks(x[..., None], C)[..., 0] for x in (g, beta))  # [B, H, N, C]
+
+    gamma = g.cumsum(-1)
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    # gamma_r - gamma_s summed directly as g_{s+1} + ... + g_r: no cancellation between two large gammas
+    segment = g[..., :, None].expand(*g.shape, C).masked_fill(~causal.tril(-1), 0).cumsum(-2)
+    log_decay = segment.masked_fill(~causal, float("-inf"))
+    decay = log_decay.exp()  # D
+    A = beta[..., :, None] * (k @ k.transpose(-1, -2)) * decay
+    # unitriangular: the solver reads only A's strict lower triangle and takes the diagonal as 1
+    eye_c = torch.eye(C, device=q.device)
+    T_ut = torch.linalg.solve_triangular(A, eye_c, upper=False, unitriangular=True)  # (I + A)^{-1}
+    U_v = T_ut @ (beta[..., None] * v)
+    W = T_ut @ ((beta * gamma.exp())[..., None] * k)
+
+    k_decayed = k * decay[..., -1, :, None]                       # K~
+    eye = torch.eye(K, device=q.device)
+    transition = gamma[..., -1, None, None].exp() * eye - k_decayed.transpose(-1, -2) @ W  # [B, H, N, K, K]
+    injection = k_decayed.transpose(-1, -2) @ U_v                                        # [B, H, N, K, V]
+
+    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.float()
+    chunk_starts = []
+    for n in range(q.shape[2]):
+        chunk_starts.append(S)
+        S = transition[:, :, n] @ S + injection[:, :, n]
+    S_start = torch.stack(chunk_starts, dim=2)                                           # [B, H, N, K, V]
+
+    U = U_v - W @ S_start
+    o = (q * gamma.exp()[..., None]) @ S_start + ((q @ k.transpose(-1, -2)) * decay) @ U
+    o = o.reshape(B, H, -1, V)[:, :, :T].transpose(1, 2)
+    return o.to(dtype).contiguous(), S
+
+
+def gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the torch backend of the layer calls: the recurrent step for T <= 1 (decoding),
+    the chunked form otherwise (training, prefill).
+
+    Shapes as in `chunk_gated_delta_rule`; returns (o [B, T, H, V] in q's dtype, final state
+    [B, H, K, V] fp32).
+    """
+    if q.shape[1] > 1:
+        return chunk_gated_delta_rule(q, k, v, g, beta, initial_state=initial_state, scale=scale)
+    o, final_state, _ = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=initial_state, scale=scale)
+    return o, final_state

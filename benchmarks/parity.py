@@ -1,0 +1,255 @@
+"""Parity of one Gated DeltaNet layer across implementations, with the same weights.
+
+Implementations: gdn_lab's torch backend (chunked `gdn_lab.ops`), the same layer stepping the
+recurrence one token at a time (`ops.recurrent_gated_delta_rule`), gdn_lab's fla backend (FLA's
+kernels) and FLA's own `fla.layers.GatedDeltaNet`, each in fp32 and bf16 (parameters cast).
+Every one runs forward and backward on the same input and output gradient; the reference is
+gdn_lab's torch backend in fp32. For the output, the input gradient and every parameter's
+gradient the script reports the relative RMSE, rms(x - ref) / rms(ref), against FLA's own test
+tolerances: 5e-3 for outputs, 8e-3 for dq/dk/dv-level gradients (x, projections, convs, norm),
+2e-2 for the dbeta/dg-level ones (b_proj -> beta; a_proj, A_log, dt_bias -> g).
+
+bf16 runs are judged twice: against the fp32 reference (what the numbers cost in bf16, reported)
+and against gdn_lab's torch backend in bf16 on the same bf16 weights (kernel parity, pass/fail):
+casting the weights to bf16 alone moves the output by more than FLA's 5e-3.
+
+On CUDA it also times a training step (forward + backward, bf16) of the layer for each
+implementation, and of a 12-layer LM: gdn_lab's CausalLM on the fla backend vs FLA's
+GatedDeltaNetForCausalLM with the same weights.
+
+    python benchmarks/parity.py --out benchmarks/results/parity_h100.json   # CUDA GPU
+    python benchmarks/parity.py --device cpu --smoke                         # CPU plumbing check
+
+On the CPU only the torch implementations run (FLA's kernels need CUDA); the rest are listed
+under "skipped". Exit status 1 when a judged quantity misses its tolerance.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import pathlib
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from gdn_lab import ops  # noqa: E402
+from gdn_lab.config import ModelConfig  # noqa: E402
+from gdn_lab.env import fla_unavailable_reason, pick_device  # noqa: E402
+from gdn_lab.layers import GatedDeltaNet  # noqa: E402
+from gdn_lab.results import save_results  # noqa: E402
+
+OUTPUT_TOL, QKV_TOL, GATE_TOL = 5e-3, 8e-3, 2e-2
+GATE_PARAMETERS = ("b_proj.weight", "a_proj.weight", "A_log", "dt_bias")  # gradients through beta and g
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+FULL_SHAPE = dict(hidden_size=768, num_heads=12, head_dim=64, expand_v=2.0, seq_len=2048, batch_size=2)
+SMOKE_SHAPE = dict(hidden_size=64, num_heads=2, head_dim=16, expand_v=2.0, seq_len=100, batch_size=2)
+
+
+def tolerance(quantity: str) -> float:
+    if quantity == "output":
+        return OUTPUT_TOL
+    return GATE_TOL if quantity.removeprefix("grad:") in GATE_PARAMETERS else QKV_TOL
+
+
+def relative_rmse(x: torch.Tensor, reference: torch.Tensor) -> float:
+    """rms(x - reference) / rms(reference), FLA's `get_err_ratio`."""
+    error = (x.double() - reference.double()).square().mean().sqrt()
+    scale = reference.double().square().mean().sqrt()
+    return float(error / scale) if scale > 0 else float(error)
+
+
+def recurrent_forward(layer: GatedDeltaNet, x: torch.Tensor) -> torch.Tensor:
+    """The layer with the token-by-token recurrence in place of the chunked form."""
+    f = layer.features(x)
+    o, _, _ = ops.recurrent_gated_delta_rule(f.q, f.k, f.v, f.g, f.beta)
+    return layer.finish(o, x)
+
+
+def fla_layer_like(layer: GatedDeltaNet) -> torch.nn.Module:
+    """FLA's own GatedDeltaNet with the layer's hyper-parameters and weights."""
+    from fla.layers import GatedDeltaNet as FLAGatedDeltaNet
+
+    fla = FLAGatedDeltaNet(hidden_size=layer.hidden_size, expand_v=layer.expand_v, head_dim=layer.head_k_dim,
+                           num_heads=layer.num_heads, use_gate=layer.use_gate, norm_eps=layer.o_norm.eps)
+    fla.load_state_dict(layer.state_dict())
+    return fla.to(layer.q_proj.weight.device)
+
+
+def implementations(reference: GatedDeltaNet, device: torch.device) -> tuple[dict, dict]:
+    """name -> (module, forward(module, x) -> y) for what can run here, and name -> why not."""
+    runnable = {
+        "gdn_lab-torch": (copy.deepcopy(reference), lambda m, x: m(x)[0]),
+        "gdn_lab-torch-recurrent": (copy.deepcopy(reference), recurrent_forward),
+    }
+    skipped = {}
+    reason = fla_unavailable_reason(device.type)
+    if reason:
+        skipped.update({"gdn_lab-fla": reason, "fla-layer": reason})
+    else:
+        runnable["gdn_lab-fla"] = (copy.deepcopy(reference).set_backend("fla"), lambda m, x: m(x)[0])
+        runnable["fla-layer"] = (fla_layer_like(reference), lambda m, x: m(x)[0])
+    return runnable, skipped
+
+
+def forward_backward(module: torch.nn.Module, forward, x: torch.Tensor, dy: torch.Tensor,
+                     dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Output and gradients (input and every parameter) of one forward + backward, as fp32."""
+    module = copy.deepcopy(module).to(dtype)
+    x = x.detach().to(dtype).requires_grad_()
+    y = forward(module, x)
+    y.backward(dy.to(dtype))
+    result = {"output": y.detach().float(), "grad:x": x.grad.float()}
+    result.update({f"grad:{name}": p.grad.float() for name, p in module.named_parameters()})
+    return result
+
+
+def judge(candidate: dict, reference: dict) -> dict:
+    quantities = {}
+    for name, ref in reference.items():
+        error = relative_rmse(candidate[name], ref)
+        quantities[name] = {"rel_rmse": error, "tolerance": tolerance(name), "pass": error <= tolerance(name)}
+    return {"quantities": quantities, "pass": all(q["pass"] for q in quantities.values())}
+
+
+def time_ms(step, iters: int, warmup: int = 3) -> float:
+    """Median CUDA time of `step()` in milliseconds."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def layer_timings(runnable: dict, x: torch.Tensor, dy: torch.Tensor, iters: int) -> dict[str, float]:
+    """Training-step time (forward + backward, bf16 weights) of the layer per implementation."""
+    timings = {}
+    for name, (module, forward) in runnable.items():
+        if name == "gdn_lab-torch-recurrent":
+            continue
+        module = copy.deepcopy(module).to(torch.bfloat16)
+        xb, dyb = x.detach().to(torch.bfloat16).requires_grad_(), dy.to(torch.bfloat16)
+        timings[name] = time_ms(lambda: forward(module, xb).backward(dyb), iters)
+    return timings
+
+
+def model_timings(shape: dict, device: torch.device, iters: int, num_layers: int = 12,
+                  vocab_size: int = 32000) -> dict[str, float]:
+    """Training-step time (bf16 autocast, fp32 weights, loss + backward) of a pure-GDN LM:
+    gdn_lab's CausalLM on the fla backend vs FLA's GatedDeltaNetForCausalLM, same weights."""
+    from gdn_lab.models import build_model, to_fla
+
+    config = ModelConfig(vocab_size=vocab_size, hidden_size=shape["hidden_size"], num_layers=num_layers,
+                         num_heads=shape["num_heads"], head_dim=shape["head_dim"], expand_v=shape["expand_v"],
+                         backend="fla")
+    torch.manual_seed(0)
+    ours = build_model(config, device=device)
+    theirs = to_fla(ours)
+    ids = torch.randint(0, vocab_size, (shape["batch_size"], shape["seq_len"] + 1), device=device)
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+
+    def ours_step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = ours(inputs, targets=targets)
+        loss.backward()
+
+    def theirs_step():  # FLA shifts labels itself: give it the sequence one longer
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = theirs(input_ids=ids, labels=ids).loss
+        loss.backward()
+
+    return {"gdn_lab-fla": time_ms(ours_step, iters), "fla-model": time_ms(theirs_step, iters)}
+
+
+def run(device: torch.device, shape: dict, seed: int, timing_iters: int) -> dict:
+    torch.manual_seed(seed)
+    reference = GatedDeltaNet(shape["hidden_size"], shape["num_heads"], shape["head_dim"],
+                              expand_v=shape["expand_v"], backend="torch").to(device)
+    with torch.no_grad():
+        reference.o_norm.weight.uniform_(0.5, 1.5)  # away from ones, so o_norm's gradient path is exercised
+    generator = torch.Generator(device).manual_seed(seed + 1)
+    x = torch.randn(shape["batch_size"], shape["seq_len"], shape["hidden_size"], device=device, generator=generator)
+    dy = torch.randn(x.shape, device=device, generator=generator)
+
+    runnable, skipped = implementations(reference, device)
+    outputs = {(name, dtype_name): forward_backward(module, forward, x, dy, dtype)
+               for name, (module, forward) in runnable.items() for dtype_name, dtype in DTYPES.items()
+               if not (name == "gdn_lab-torch-recurrent" and dtype_name == "bfloat16")}
+    fp32_reference = outputs[("gdn_lab-torch", "float32")]
+    bf16_reference = outputs[("gdn_lab-torch", "bfloat16")]
+    comparisons = []
+    for (name, dtype_name), result in outputs.items():
+        if (name, dtype_name) == ("gdn_lab-torch", "float32"):
+            continue
+        record = {"implementation": name, "dtype": dtype_name, "vs": "gdn_lab-torch float32",
+                  **judge(result, fp32_reference)}
+        if dtype_name == "bfloat16":
+            record["judged"] = False  # bf16 rounding of the weights: reported, judged below
+            if name != "gdn_lab-torch":
+                comparisons.append({"implementation": name, "dtype": dtype_name, "vs": "gdn_lab-torch bfloat16",
+                                    "judged": True, **judge(result, bf16_reference)})
+        else:
+            record["judged"] = True
+        comparisons.append(record)
+    results = {
+        "shape": shape, "reference": "gdn_lab-torch float32",
+        "tolerances": {"output": OUTPUT_TOL, "dq/dk/dv level": QKV_TOL, "dbeta/dg level": GATE_TOL,
+                       "dbeta/dg-level parameters": list(GATE_PARAMETERS)},
+        "comparisons": comparisons,
+        "skipped": [{"implementation": name, "reason": reason} for name, reason in skipped.items()],
+        "pass": all(c["pass"] for c in comparisons if c["judged"]),
+    }
+    if device.type == "cuda" and timing_iters > 0:
+        results["layer_train_step_ms"] = layer_timings(runnable, x, dy, timing_iters)
+        if not skipped:
+            results["model_train_step_ms"] = model_timings(shape, device, timing_iters)
+    return results
+
+
+def report(results: dict) -> str:
+    lines = [f"{'implementation':<26}{'dtype':<10}{'vs':<24}{'worst quantity':<26}{'rel RMSE':>10}{'tol':>8}  ok"]
+    for c in results["comparisons"]:
+        worst = max(c["quantities"], key=lambda q: c["quantities"][q]["rel_rmse"] / c["quantities"][q]["tolerance"])
+        q = c["quantities"][worst]
+        verdict = ("yes" if c["pass"] else "NO") if c["judged"] else "(info)"
+        lines.append(f"{c['implementation']:<26}{c['dtype']:<10}{c['vs']:<24}{worst:<26}{q['rel_rmse']:>10.2e}"
+                     f"{q['tolerance']:>8.0e}  {verdict}")
+    lines += [f"skipped {s['implementation']}: {s['reason']}" for s in results["skipped"]]
+    for key in ("layer_train_step_ms", "model_train_step_ms"):
+        if key in results:
+            lines.append(f"{key}: " + ", ".join(f"{k} {v:.2f}" for k, v in results[key].items()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--smoke", action="store_true", help="tiny shape (hidden 64, T=100) for a CPU plumbing check")
+    parser.add_argument("--seq-len", type=int, help="override T")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timing-iters", type=int, default=20, help="0 skips the CUDA timings")
+    parser.add_argument("--out", type=pathlib.Path, help="write the results JSON here")
+    args = parser.parse_args(argv)
+
+    device = pick_device(args.device)
+    shape = dict(SMOKE_SHAPE if args.smoke else FULL_SHAPE)
+    if args.seq_len:
+        shape["seq_len"] = args.seq_len
+    results = run(device, shape, args.seed, args.timing_iters)
+    print(report(results))
+    if args.out:
+        save_results(args.out, results, config={**shape, "smoke": args.smoke}, seed=args.seed, device=str(device))
+        print(f"wrote {args.out}")
+    return 0 if results["pass"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

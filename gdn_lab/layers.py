@@ -1,0 +1,532 @@
+"""Layers: the Gated DeltaNet mixer, softmax attention, the SwiGLU MLP and the pre-norm block.
+
+`GatedDeltaNet` carries exactly the parameters of `fla.layers.GatedDeltaNet` (FLA 0.6.0), so a
+state_dict moves between the two. It runs on one of two backends:
+
+- "torch": `features()` (projections, short conv, gates; pure torch) -> `gdn_lab.ops` -> `finish()`.
+  Runs everywhere; the readable path.
+- "fla": FLA's Triton kernels (fused causal conv, chunk / fused-recurrent gated delta rule with
+  the gates, L2 norm and sigmoid computed inside the kernel, fused gated RMSNorm), the same
+  kernels FLA's own layer calls. CUDA only.
+- "auto": "fla" on a CUDA device where FLA imports, else "torch"; resolved per device on the
+  first forward and cached.
+
+Decoding state. `forward(x, state)` consumes a state object and updates it in place: under
+`torch.no_grad()` the state's tensors are overwritten (fixed buffers, so a CUDA graph can
+capture a decode step); with autograd on, the state's fields are rebound to new tensors so a
+backward through several calls works. Either way the same object comes back.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .config import BACKENDS, ConfigError, ModelConfig
+from .env import check_training_backend, resolve_backend
+
+L2NORM_EPS = 1e-6  # FLA's l2norm epsilon (fla.modules.l2norm), used for q and k
+
+
+class KernelBackend:
+    """Mixin for modules that can run FLA kernels: `backend` is 'auto', 'fla' or 'torch'."""
+
+    backend: str
+
+    def _init_backend(self, backend: str) -> None:
+        if backend not in BACKENDS:
+            raise ConfigError(f"backend={backend!r}; use one of {BACKENDS}")
+        self.backend = backend
+        self._resolved_backends: dict[str, str] = {}
+
+    def set_backend(self, backend: str):
+        """Switch this module and every sub-module that has a backend; returns self."""
+        for module in self.modules():
+            if isinstance(module, KernelBackend):
+                module._init_backend(backend)
+        return self
+
+    def kernel_backend(self, device: torch.device) -> str:
+        """'fla' or 'torch' on `device` ('auto' resolved once per device)."""
+        key = str(device)
+        if key not in self._resolved_backends:
+            self._resolved_backends[key] = resolve_backend(self.backend, device)
+        return self._resolved_backends[key]
+
+
+def _assign(buffer: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """New contents for a state field: written into `buffer` without autograd, else a new tensor."""
+    if torch.is_grad_enabled():
+        return value
+    return buffer.copy_(value)
+
+
+def l2_normalize(x: torch.Tensor, eps: float = L2NORM_EPS) -> torch.Tensor:
+    """x / sqrt(sum(x^2) + eps) over the last dim, in fp32, returned in x's dtype (as FLA's l2norm)."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.square().sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim, optionally gated: `norm(x) * weight * SiLU(gate)` (fp32 inside).
+
+    The output norm of a GDN head (`o_norm`): FLA's FusedRMSNormGated with `use_gate=True`,
+    its RMSNorm without. The parameter is `weight` [dim] either way.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        if gate is not None:
+            y = y * F.silu(gate.float())
+        return y.to(x.dtype)
+
+
+@dataclass
+class GDNFeatures:
+    """What the recurrence consumes, as `GatedDeltaNet.features` prepares it.
+
+    q, k [B, T, H, K] (after conv, SiLU, L2 norm; not yet scaled), v [B, T, H, V],
+    g [B, T, H] fp32 log-decay (alpha = exp(g); zeros without decay), beta [B, T, H] fp32,
+    conv_state [B, 2*key_dim + value_dim, conv_size - 1]: the conv inputs to carry on (None
+    without a short conv).
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    g: torch.Tensor
+    beta: torch.Tensor
+    conv_state: torch.Tensor | None
+
+
+@dataclass
+class GDNState:
+    """Decoding state of one GDN layer.
+
+    conv [B, 2*key_dim + value_dim, conv_size - 1]: the last conv inputs (q, k, v channels in
+    that order; width 0 without a short conv), in the layer's dtype. FLA's cache keeps a
+    width-`conv_size` window per projection whose oldest column is never read.
+    recurrent [B, H, K, V] fp32: S in gdn_lab's layout (FLA's layer cache holds its transpose).
+    """
+
+    conv: torch.Tensor
+    recurrent: torch.Tensor
+
+    def update(self, conv: torch.Tensor | None, recurrent: torch.Tensor) -> None:
+        if conv is not None:
+            self.conv = _assign(self.conv, conv)
+        self.recurrent = _assign(self.recurrent, recurrent)
+
+
+class GatedDeltaNet(KernelBackend, nn.Module):
+    """Gated DeltaNet token mixer with `fla.layers.GatedDeltaNet`'s parameters (FLA 0.6.0).
+
+    Per head (K = head_dim, V = head_dim * expand_v), for x [B, T, D]:
+        q, k, v = SiLU(causal depthwise conv(x W_q, x W_k, x W_v)); q, k L2-normalised
+        beta = sigmoid(x W_b)  (x2 with allow_neg_eigval)
+        g = -exp(A_log) * softplus(x W_a + dt_bias)   (g = 0 with use_decay=False)
+        o = gated delta rule(q, k, v, g, beta)        (gdn_lab.ops or FLA's kernels)
+        y = o_proj(RMSNorm(o) * SiLU(x W_g))          (plain RMSNorm with use_gate=False)
+
+    `use_decay=False` is the DeltaNet ablation: no a_proj, A_log or dt_bias. Grouped value
+    heads (FLA's num_v_heads > num_heads) are not supported: value heads = num_heads.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        head_dim: int,
+        expand_v: float = 2.0,
+        use_gate: bool = True,
+        use_short_conv: bool = True,
+        conv_size: int = 4,
+        conv_bias: bool = False,
+        allow_neg_eigval: bool = False,
+        use_decay: bool = True,
+        norm_eps: float = 1e-5,
+        backend: str = "auto",
+        layer_idx: int | None = None,
+    ):
+        super().__init__()
+        head_v_dim = head_dim * expand_v
+        if not math.isclose(head_v_dim, round(head_v_dim)):
+            raise ConfigError(f"head_dim * expand_v = {head_dim} * {expand_v} = {head_v_dim} is not an integer; "
+                              f"pick expand_v so the value head dim is whole")
+        if use_short_conv and conv_size < 2:
+            raise ConfigError(f"conv_size={conv_size}; use >= 2 or use_short_conv=False")
+        self._init_backend(backend)
+        self.hidden_size, self.num_heads, self.expand_v = hidden_size, num_heads, expand_v
+        self.head_k_dim, self.head_v_dim = head_dim, int(round(head_v_dim))
+        self.key_dim, self.value_dim = num_heads * head_dim, num_heads * self.head_v_dim
+        self.use_gate, self.use_short_conv, self.use_decay = use_gate, use_short_conv, use_decay
+        self.allow_neg_eigval, self.conv_size, self.conv_bias = allow_neg_eigval, conv_size, conv_bias
+        self.layer_idx = layer_idx
+        self._training_backend_checked = False
+
+        self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+        if use_decay:
+            self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
+        self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
+        if use_decay:
+            self.A_log = nn.Parameter(torch.empty(num_heads))
+            self.dt_bias = nn.Parameter(torch.empty(num_heads))
+            self.reset_decay_parameters()
+        if use_short_conv:
+            self.q_conv1d, self.k_conv1d, self.v_conv1d = (
+                nn.Conv1d(dim, dim, conv_size, groups=dim, padding=conv_size - 1, bias=conv_bias)
+                for dim in (self.key_dim, self.key_dim, self.value_dim))
+        if use_gate:
+            self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+        self.o_norm = RMSNorm(self.head_v_dim, eps=norm_eps)
+        self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
+
+    @torch.no_grad()
+    def reset_decay_parameters(self) -> None:
+        """FLA's init: A ~ U(0, 16), A_log = log A; dt log-uniform in [1e-3, 0.1] (floor 1e-4),
+        dt_bias = softplus^-1(dt). Both are excluded from weight decay (`_no_weight_decay`)."""
+        self.A_log.copy_(torch.empty_like(self.A_log, dtype=torch.float32).uniform_(0, 16).log())
+        dt = torch.exp(torch.rand_like(self.dt_bias, dtype=torch.float32) * (math.log(0.1) - math.log(0.001))
+                       + math.log(0.001)).clamp(min=1e-4)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.A_log._no_weight_decay = True
+        self.dt_bias._no_weight_decay = True
+
+    @property
+    def conv_dim(self) -> int:
+        return 2 * self.key_dim + self.value_dim
+
+    def empty_state(self, batch_size: int, device: torch.device | str | None = None,
+                    dtype: torch.dtype | None = None) -> GDNState:
+        """A zero state: conv [B, 2*key_dim + value_dim, conv_size - 1] in `dtype` (the layer's
+        by default), recurrent [B, H, K, V] fp32, on `device` (the layer's by default)."""
+        weight = self.q_proj.weight
+        device, dtype = device or weight.device, dtype or weight.dtype
+        width = self.conv_size - 1 if self.use_short_conv else 0
+        return GDNState(
+            conv=torch.zeros(batch_size, self.conv_dim, width, device=device, dtype=dtype),
+            recurrent=torch.zeros(batch_size, self.num_heads, self.head_k_dim, self.head_v_dim,
+                                  device=device, dtype=torch.float32),
+        )
+
+    def _conv_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The three depthwise convs as one: weight [2*key_dim + value_dim, 1, W], bias or None."""
+        convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
+        weight = torch.cat([c.weight for c in convs])
+        bias = torch.cat([c.bias for c in convs]) if self.conv_bias else None
+        return weight, bias
+
+    def _projected_qkv(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        if mask is not None:  # padded steps feed zeros to the conv: left padding is exact
+            qkv = qkv * mask[..., None].to(qkv.dtype)
+        return qkv
+
+    def _split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T, _ = qkv.shape
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        H = self.num_heads
+        return q.reshape(B, T, H, -1), k.reshape(B, T, H, -1), v.reshape(B, T, H, -1)
+
+    def gates(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(g, beta), both [B, T, H] fp32: log-decay -exp(A_log) softplus(x W_a + dt_bias) (zeros
+        without decay) and beta = sigmoid(x W_b) (x2 with allow_neg_eigval); 0 at masked steps."""
+        beta = torch.sigmoid(self.b_proj(x).float())
+        if self.allow_neg_eigval:
+            beta = beta * 2
+        if self.use_decay:
+            g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        else:
+            g = torch.zeros_like(beta)
+        if mask is not None:
+            g, beta = g * mask[..., None], beta * mask[..., None]
+        return g, beta
+
+    def features(self, x: torch.Tensor, state: GDNState | None = None,
+                 mask: torch.Tensor | None = None) -> GDNFeatures:
+        """Everything before the recurrence, in pure torch (both backends; probes use it).
+
+        x [B, T, D]; state supplies the conv inputs of earlier steps (read, not written);
+        mask [B, T] bool, False at padded steps (conv input zeroed, g = beta = 0).
+        """
+        qkv = self._projected_qkv(x, mask)
+        conv_state = None
+        if self.use_short_conv:
+            weight, bias = self._conv_parameters()
+            history = state.conv.to(qkv.dtype) if state is not None else qkv.new_zeros(
+                qkv.shape[0], self.conv_dim, self.conv_size - 1)
+            window = torch.cat([history, qkv.transpose(1, 2)], dim=-1)        # [B, C, W - 1 + T]
+            qkv = F.conv1d(window, weight, bias, groups=self.conv_dim).transpose(1, 2)
+            conv_state = window[..., -(self.conv_size - 1):]
+        q, k, v = self._split_heads(F.silu(qkv))
+        g, beta = self.gates(x, mask)
+        return GDNFeatures(l2_normalize(q), l2_normalize(k), v, g, beta, conv_state)
+
+    def finish(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """o [B, T, H, V] -> y [B, T, D]: RMSNorm per head, gated by SiLU(x W_g), then o_proj."""
+        B, T = o.shape[:2]
+        gate = self.g_proj(x).reshape(B, T, self.num_heads, -1) if self.use_gate else None
+        if self.kernel_backend(o.device) == "fla":
+            from fla.modules.norm.fused_norm_gate import rms_norm_gated
+            from fla.modules.norm.layernorm import rms_norm
+
+            weight, eps = self.o_norm.weight, self.o_norm.eps
+            o = (rms_norm_gated(x=o, g=gate, weight=weight, bias=None, activation="swish", eps=eps)
+                 if self.use_gate else rms_norm(o, weight, None, eps=eps))
+        else:
+            o = self.o_norm(o, gate)
+        return self.o_proj(o.reshape(B, T, -1))
+
+    def forward(self, x: torch.Tensor, state: GDNState | None = None,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, GDNState | None]:
+        """x [B, T, D] -> (y [B, T, D], state). With `state` (see `empty_state`), the layer starts
+        from it and updates it in place; mask [B, T] bool marks real tokens (False = padding:
+        the state is left untouched there, and y at those steps is finite but meaningless)."""
+        if mask is not None:
+            mask = mask.to(device=x.device, dtype=torch.bool)
+        if self.kernel_backend(x.device) == "fla":
+            return self._forward_fla(x, state, mask)
+        f = self.features(x, state, mask)
+        o, final_state = ops.gated_delta_rule(f.q, f.k, f.v, f.g, f.beta,
+                                              initial_state=None if state is None else state.recurrent)
+        if state is not None:
+            state.update(f.conv_state, final_state)
+        return self.finish(o, x), state
+
+    def _forward_fla(self, x: torch.Tensor, state: GDNState | None,
+                     mask: torch.Tensor | None) -> tuple[torch.Tensor, GDNState | None]:
+        """The same math through FLA's kernels, called as `fla.layers.GatedDeltaNet` calls them."""
+        from fla.modules.convolution import causal_conv1d
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+
+        if torch.is_grad_enabled() and not self._training_backend_checked:
+            check_training_backend("fla", x.device)
+            self._training_backend_checked = True
+        qkv = self._projected_qkv(x, mask)
+        conv_state = None
+        if self.use_short_conv:
+            weight, bias = self._conv_parameters()
+            window = None if state is None else F.pad(state.conv, (1, 0))   # FLA's conv cache is W wide
+            qkv, final_window = causal_conv1d(x=qkv, weight=weight.squeeze(1), bias=bias, initial_state=window,
+                                              output_final_state=state is not None, activation="silu")
+            conv_state = None if state is None else final_window[..., 1:]
+        else:
+            qkv = F.silu(qkv)
+        q, k, v = self._split_heads(qkv)
+        if mask is None:  # raw gate inputs: the kernel applies softplus / sigmoid itself
+            beta = self.b_proj(x)
+            gate_kwargs = dict(use_beta_sigmoid_in_kernel=True, allow_neg_eigval=self.allow_neg_eigval)
+            if self.use_decay:
+                g = self.a_proj(x)
+                gate_kwargs.update(use_gate_in_kernel=True, A_log=self.A_log, dt_bias=self.dt_bias)
+            else:
+                g = beta.new_zeros(beta.shape, dtype=torch.float32)
+        else:  # padded steps need g = beta = 0 exactly: prepare the gates here
+            g, beta = self.gates(x, mask)
+            beta, gate_kwargs = beta.to(v.dtype), {}
+        kernel = (fused_recurrent_gated_delta_rule if x.shape[1] <= 64 and not torch.is_grad_enabled()
+                  else chunk_gated_delta_rule)
+        o, final_state = kernel(q=q, k=k, v=v, g=g, beta=beta,
+                                initial_state=None if state is None else state.recurrent,
+                                output_final_state=state is not None, use_qk_l2norm_in_kernel=True,
+                                state_v_first=False, **gate_kwargs)
+        if state is not None:
+            state.update(conv_state, final_state)
+        return self.finish(o, x), state
+
+
+@dataclass
+class KVState:
+    """Decoding state of one attention layer.
+
+    k, v [B, Hkv, Tmax, head_dim]; length [] long (slots filled, the same for every sequence);
+    valid [B, Tmax] bool (False at padded slots); position [B] long (RoPE position of each
+    sequence's next token: left padding does not count). Without `max_len` the buffers grow by
+    concatenation (Tmax == length); with it they are preallocated and written in place.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    length: torch.Tensor
+    valid: torch.Tensor
+    position: torch.Tensor
+    max_len: int | None = None
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """RoPE, rotate-half convention (FLA's and Llama's): x [B, T, H, d], positions [B, T] or [T]."""
+    angles = positions[..., None].float() * inv_freq                       # [B, T, d/2]
+    cos, sin = angles.cos()[..., None, :], angles.sin()[..., None, :]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Llama-style causal softmax attention: RoPE, grouped KV heads, SDPA.
+
+    Parameter names follow `fla.layers.Attention` (q_proj, k_proj, v_proj, o_proj, no biases),
+    but the kernel is `F.scaled_dot_product_attention`, so no flash-attn is needed.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None,
+                 rope_theta: float = 1e4, layer_idx: int | None = None):
+        super().__init__()
+        num_kv_heads = num_kv_heads or num_heads
+        if hidden_size % num_heads or num_heads % num_kv_heads or (hidden_size // num_heads) % 2:
+            raise ConfigError(f"attention needs hidden_size % num_heads == 0, num_heads % num_kv_heads == 0 and "
+                              f"an even head dim; got {hidden_size}, {num_heads}, {num_kv_heads}")
+        self.hidden_size, self.num_heads, self.num_kv_heads = hidden_size, num_heads, num_kv_heads
+        self.head_dim = hidden_size // num_heads
+        self.layer_idx = layer_idx
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        inv_freq = 1.0 / rope_theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def empty_state(self, batch_size: int, max_len: int | None = None, device: torch.device | str | None = None,
+                    dtype: torch.dtype | None = None) -> KVState:
+        """An empty KV cache; with `max_len`, fixed buffers [B, Hkv, max_len, head_dim]."""
+        weight = self.k_proj.weight
+        device, dtype = device or weight.device, dtype or weight.dtype
+        slots = max_len or 0
+        shape = (batch_size, self.num_kv_heads, slots, self.head_dim)
+        return KVState(k=torch.zeros(shape, device=device, dtype=dtype),
+                       v=torch.zeros(shape, device=device, dtype=dtype),
+                       length=torch.zeros((), device=device, dtype=torch.long),
+                       valid=torch.zeros(batch_size, slots, device=device, dtype=torch.bool),
+                       position=torch.zeros(batch_size, device=device, dtype=torch.long), max_len=max_len)
+
+    @staticmethod
+    def _append(state: KVState, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Write k, v [B, Hkv, T, hd] and valid [B, T] after the filled slots; returns the slot
+        index of the first new token ([] long)."""
+        T = k.shape[2]
+        start = state.length.clone()
+        if state.max_len is None:
+            state.k = torch.cat([state.k, k.to(state.k.dtype)], dim=2)
+            state.v = torch.cat([state.v, v.to(state.v.dtype)], dim=2)
+            state.valid = torch.cat([state.valid, valid], 1)
+        else:
+            slots = start + torch.arange(T, device=k.device)
+            if torch.is_grad_enabled():
+                state.k = state.k.index_copy(2, slots, k.to(state.k.dtype))
+                state.v = state.v.index_copy(2, slots, v.to(state.v.dtype))
+            else:
+                state.k.index_copy_(2, slots, k.to(state.k.dtype))
+                state.v.index_copy_(2, slots, v.to(state.v.dtype))
+            state.valid.index_copy_(1, slots, valid)
+        state.length += T
+        return start
+
+    def forward(self, x: torch.Tensor, state: KVState | None = None,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, KVState | None]:
+        """x [B, T, D] -> (y [B, T, D], state). Positions continue from the state; with a mask
+        [B, T] (False = padding) they count real tokens only (cumsum(mask) - 1), so a
+        left-padded sequence sees the positions it would see alone. The state is updated in place."""
+        B, T, _ = x.shape
+        if mask is not None:
+            mask = mask.to(device=x.device, dtype=torch.bool)
+        q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
+        steps = torch.arange(T, device=x.device) if mask is None else (mask.long().cumsum(1) - 1).clamp(min=0)
+        positions = steps if state is None else state.position[:, None] + steps
+        q, k = rotary(q, positions, self.inv_freq), rotary(k, positions, self.inv_freq)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        gqa = self.num_kv_heads != self.num_heads
+        if state is None and mask is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            if state is None:
+                key_valid, query_slots = mask, torch.arange(T, device=x.device)
+            else:
+                new_valid = mask if mask is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
+                query_slots = self._append(state, k, v, new_valid) + torch.arange(T, device=x.device)
+                k, v, key_valid = state.k, state.v, state.valid
+                state.position += T if mask is None else mask.sum(1)
+            key_slots = torch.arange(k.shape[2], device=x.device)
+            causal = key_slots[None, :] <= query_slots[:, None]                          # [T, S]
+            # a padded query may see no valid key: let every query see itself, so no row is empty
+            allowed = (causal & key_valid[:, None, :]) | (key_slots[None, :] == query_slots[:, None])
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], enable_gqa=gqa)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1)), state
+
+
+class MLP(KernelBackend, nn.Module):
+    """SwiGLU feed-forward, FLA's GatedMLP: down_proj(SiLU(gate_proj x) * up_proj x)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, backend: str = "auto"):
+        super().__init__()
+        self._init_backend(backend)
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.kernel_backend(x.device) == "fla":
+            from fla.modules.activations import swiglu_linear
+
+            return swiglu_linear(gate, up, self.down_proj.weight, None)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(KernelBackend, nn.Module):
+    """Pre-norm residual block, named as FLA's GatedDeltaNetBlock (attn_norm, attn, mlp_norm, mlp):
+    x + attn(attn_norm(x)), then + mlp(mlp_norm(.)). `attn` is a GatedDeltaNet or an Attention,
+    as `config.mixers[layer_idx]` says. On the fla backend the norms run FLA's fused RMSNorm
+    (residual add fused into mlp_norm) and the MLP FLA's fused SwiGLU; the parameters are the same."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self._init_backend(config.backend)
+        self.layer_idx, self.mixer = layer_idx, config.mixers[layer_idx]
+        self.attn_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+        if self.mixer == "attn":
+            self.attn = Attention(config.hidden_size, config.attn_num_heads, config.attn_num_kv_heads,
+                                  rope_theta=config.rope_theta, layer_idx=layer_idx)
+        else:
+            self.attn = GatedDeltaNet(
+                config.hidden_size, config.num_heads, config.head_dim, expand_v=config.expand_v,
+                use_gate=config.use_gate, use_short_conv=config.use_short_conv, conv_size=config.conv_size,
+                allow_neg_eigval=config.allow_neg_eigval, use_decay=config.use_decay, norm_eps=config.norm_eps,
+                backend=config.backend, layer_idx=layer_idx)
+        self.mlp_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.mlp = MLP(config.hidden_size, config.mlp_intermediate_size, backend=config.backend)
+
+    def empty_state(self, batch_size: int, max_len: int | None = None, device: torch.device | str | None = None,
+                    dtype: torch.dtype | None = None) -> GDNState | KVState:
+        """The mixer's empty decoding state (`max_len` only matters for attention)."""
+        if self.mixer == "attn":
+            return self.attn.empty_state(batch_size, max_len=max_len, device=device, dtype=dtype)
+        return self.attn.empty_state(batch_size, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, state: GDNState | KVState | None = None,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, GDNState | KVState | None]:
+        """x [B, T, D] -> (x [B, T, D], state updated in place); mask [B, T] bool (False = padding)."""
+        if self.kernel_backend(x.device) == "fla":
+            from fla.modules.norm.layernorm import rms_norm
+
+            h, state = self.attn(rms_norm(x, self.attn_norm.weight, None, eps=self.attn_norm.eps), state, mask)
+            h, residual = rms_norm(h, self.mlp_norm.weight, None, residual=x, eps=self.mlp_norm.eps, prenorm=True)
+            return residual + self.mlp(h), state
+        h, state = self.attn(self.attn_norm(x), state, mask)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), state

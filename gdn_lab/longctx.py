@@ -1,0 +1,529 @@
+"""Long-context probes: passkey retrieval, loss by token position, cost vs sequence length.
+
+Passkey retrieval in the style of RULER's S-NIAH (single needle, Hsieh et al. 2024) and the
+passkey test of Mohtashami & Jaggi (2023): one needle sentence hidden at a chosen depth of a
+haystack, a question at the end, the model must continue with the number.
+
+    The grass is green. The sky is blue. ... The special magic number is 73519. ... The sun is
+    yellow. What is the special magic number? The special magic number is|73519
+
+Two haystacks: `"noise"` repeats five short sentences (S-NIAH-1, the pass-key task); `"text"`
+walks through real prose (`gdn_lab.data.embedded_corpus("pydoc")`, S-NIAH-2's number in an
+essay). Every piece is tokenized on its own and the ids concatenated, so the prompt is exactly
+`context_len` tokens for any tokenizer and the needle sits on a sentence boundary.
+
+Accuracy is scored with one teacher-forced forward pass: greedy decoding reproduces the whole
+answer exactly when the argmax at every answer position is the right token, so the exact-match
+rate equals that of greedy decoding; `digit_accuracy` is the teacher-forced per-token rate (per
+digit with the byte tokenizer).
+
+Also: `loss_by_position` (mean next-token loss at each position of long held-out windows),
+`scan_lengths` (forward / forward+backward time and peak memory vs sequence length, out-of-memory
+recorded, not raised) and `state_norm_over_context` (||S_t|| of every GDN head along a long input).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import random
+import re
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import ConfigError, ModelConfig
+from .data import Batch, embedded_corpus
+from .tasks import answer_correct, derive_seed, exact_match
+
+HAYSTACKS = ("noise", "text")
+NOISE_SENTENCES = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
+                   "There and back again.")
+NEEDLE = "The special magic number is {passkey}."
+QUESTION = "What is the special magic number? The special magic number is"
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+# ----------------------------------------------------------------------------------------------
+# passkey / needle in a haystack
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PasskeyExample:
+    """One needle-in-a-haystack prompt.
+
+    input_ids [context_len] long: haystack with the needle inside, then the question.
+    answer_ids [A] long: the passkey's tokens, the continuation the model must produce.
+    needle_span: (start, end) token indices of the needle sentence in `input_ids`.
+    depth: where the needle actually starts, as a fraction of the haystack tokens before it
+    (the asked depth moved to the nearest sentence boundary).
+    """
+
+    input_ids: torch.Tensor
+    answer_ids: torch.Tensor
+    needle_span: tuple[int, int]
+    passkey: str
+    depth: float
+    haystack_len: int
+
+
+def random_passkey(rng: random.Random, num_digits: int = 5) -> str:
+    """A number of `num_digits` digits with no leading zero, e.g. '73519'."""
+    return str(rng.randrange(10 ** (num_digits - 1), 10 ** num_digits))
+
+
+@functools.lru_cache(maxsize=4)
+def _text_sentences(corpus: str) -> tuple[str, ...]:
+    text = " ".join(embedded_corpus(corpus).split())
+    sentences = re.split(r"(?<=[.!?])\s+", text)
+    keep = tuple(s for s in sentences if 20 <= len(s) <= 200 and "magic number" not in s
+                 and not any(ch in s for ch in "|+*=")  # prose, not tables or code
+                 and sum(ch.isalpha() or ch == " " for ch in s) >= 0.85 * len(s))
+    _require(len(keep) > 100, f"corpus {corpus!r} has too few sentences for a haystack; use haystack='noise'")
+    return keep
+
+
+def _haystack_sentences(haystack: str, rng: random.Random) -> Iterable[str]:
+    """An endless stream of haystack sentences."""
+    if haystack == "noise":
+        sentences, start = NOISE_SENTENCES, 0
+    else:
+        sentences = _text_sentences("pydoc")
+        start = rng.randrange(len(sentences))
+    index = start
+    while True:
+        yield sentences[index % len(sentences)]
+        index += 1
+
+
+def _split_answer(tokenizer, passkey: str) -> tuple[list[int], list[int]]:
+    """Tokens of ' <passkey>' split into (prompt tail, answer): leading tokens that are only
+    whitespace (a byte tokenizer's space) belong to the prompt, the rest is the answer."""
+    ids = tokenizer.encode(" " + passkey)
+    split = 0
+    while split < len(ids) - 1 and not tokenizer.decode(ids[: split + 1]).strip():
+        split += 1
+    return ids[:split], ids[split:]
+
+
+def make_haystack(tokenizer, context_len: int, depth: float, passkey: str | None = None,
+                  haystack: str = "noise", seed: int = 0, num_digits: int = 5) -> PasskeyExample:
+    """A needle-in-a-haystack prompt of exactly `context_len` tokens.
+
+    Layout: [haystack before][needle][haystack after][question], each sentence tokenized as
+    ' ' + sentence. The needle goes on the sentence boundary nearest to `depth` (0 = first,
+    1 = right before the question) of the haystack tokens; the haystack's last sentence is cut
+    to make the length exact. `passkey` (a digit string) is drawn from `seed` when None; the
+    text haystack also starts at a seeded sentence.
+
+    >>> tokenizer = ByteTokenizer()
+    >>> ex = make_haystack(tokenizer, 160, depth=0.5, passkey="73519")
+    >>> ex.input_ids.shape, tokenizer.decode(ex.answer_ids.tolist())
+    (torch.Size([160]), '73519')
+    """
+    _require(haystack in HAYSTACKS, f"haystack={haystack!r}; use one of {HAYSTACKS}")
+    _require(0.0 <= depth <= 1.0, f"depth={depth} must be in [0, 1] (0 = start of the context, 1 = end)")
+    rng = random.Random(derive_seed(seed, "passkey"))
+    passkey = random_passkey(rng, num_digits) if passkey is None else passkey
+    _require(passkey.isdigit(), f"passkey={passkey!r} must be a string of digits")
+    needle = tokenizer.encode(" " + NEEDLE.format(passkey=passkey))
+    answer_tail, answer = _split_answer(tokenizer, passkey)
+    question = tokenizer.encode(" " + QUESTION) + answer_tail
+    budget = context_len - len(needle) - len(question)
+    fixed = len(needle) + len(question)
+    _require(budget >= 1, f"context_len={context_len} leaves no room for a haystack around the needle and question "
+                          f"({fixed} tokens); use context_len >= {fixed + 1}")
+
+    filler: list[int] = []
+    boundaries = [0]  # token offsets where a haystack sentence starts
+    for sentence in _haystack_sentences(haystack, rng):
+        filler += tokenizer.encode(" " + sentence)
+        if len(filler) >= budget:
+            break
+        boundaries.append(len(filler))
+    filler = filler[:budget]
+    boundaries.append(budget)
+    target = depth * budget
+    cut = min(boundaries, key=lambda b: (abs(b - target), b))
+    ids = filler[:cut] + needle + filler[cut:] + question
+    return PasskeyExample(input_ids=torch.tensor(ids, dtype=torch.long), answer_ids=torch.tensor(answer),
+                          needle_span=(cut, cut + len(needle)), passkey=passkey, depth=cut / budget,
+                          haystack_len=budget)
+
+
+def passkey_examples(tokenizer, context_len: int, depth: float, num_samples: int, seed: int = 0,
+                     haystack: str = "noise", num_digits: int = 5) -> list[PasskeyExample]:
+    """`num_samples` prompts with seeds `seed + i`: sample i carries the same passkey at every
+    length and depth, so the cells of an accuracy table differ only in length and depth."""
+    return [make_haystack(tokenizer, context_len, depth, haystack=haystack, seed=seed + i, num_digits=num_digits)
+            for i in range(num_samples)]
+
+
+def answer_batch(examples: Sequence[PasskeyExample], pad_id: int = 0) -> Batch:
+    """Teacher-forced batch: each row is the prompt then the answer, shifted by one, right-padded.
+
+    inputs/targets [N, T] with T = context_len + max answer length - 1; `mask` marks the answer
+    positions (the argmax there must be the next answer token).
+    """
+    rows = [torch.cat([ex.input_ids, ex.answer_ids]) for ex in examples]
+    width = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, (row, ex) in enumerate(zip(rows, examples, strict=True)):
+        tokens[i, : len(row)] = row
+        mask[i, len(ex.input_ids): len(row)] = True
+    return Batch(inputs=tokens[:, :-1], targets=tokens[:, 1:], mask=mask[:, 1:])
+
+
+def _model_device(model) -> torch.device:
+    parameter = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    enabled = dtype is not None and dtype != torch.float32
+    return torch.autocast(device.type, dtype=dtype if enabled else torch.bfloat16, enabled=enabled)
+
+
+@torch.no_grad()
+def score_passkey(model, examples: Sequence[PasskeyExample], batch_size: int = 8,
+                  dtype: torch.dtype | None = None) -> dict:
+    """{"accuracy": exact-match rate, "digit_accuracy": answer tokens right / answer tokens}.
+
+    `model(inputs [B, T]) -> logits [B, T, vocab]` (a gdn_lab CausalLM or anything alike).
+    """
+    device = _model_device(model)
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    exact = right = answers = 0
+    for start in range(0, len(examples), batch_size):
+        batch = answer_batch(examples[start: start + batch_size])
+        with _autocast(device, dtype):
+            logits = model(batch.inputs.to(device))
+        exact += int(exact_match(logits, batch).sum())
+        right += int(answer_correct(logits, batch).sum())
+        answers += int(batch.mask.sum())
+    if hasattr(model, "train"):
+        model.train(was_training)
+    return {"accuracy": exact / len(examples), "digit_accuracy": right / answers}
+
+
+def passkey_accuracy(model, tokenizer, lengths: Sequence[int], depths: Sequence[float], num_samples: int = 10,
+                     seed: int = 0, haystack: str = "noise", batch_size: int = 8, num_digits: int = 5,
+                     dtype: torch.dtype | None = None) -> list[dict]:
+    """Passkey retrieval over a grid of context lengths x needle depths.
+
+    Returns one record per cell: {"context_len", "depth", "haystack", "num_samples",
+    "accuracy" (exact match, = greedy decoding's), "digit_accuracy"}. `batch_size` prompts go
+    through the model at once; `dtype` (e.g. torch.bfloat16) runs the forward under autocast.
+    """
+    _require(num_samples >= 1, f"num_samples={num_samples}; use >= 1")
+    records = []
+    for context_len in lengths:
+        for depth in depths:
+            examples = passkey_examples(tokenizer, context_len, depth, num_samples, seed, haystack, num_digits)
+            scores = score_passkey(model, examples, batch_size=batch_size, dtype=dtype)
+            records.append({"context_len": int(context_len), "depth": float(depth), "haystack": haystack,
+                            "num_samples": num_samples, **scores})
+    return records
+
+
+def passkey_grid(records: Sequence[dict], value: str = "accuracy") -> tuple[list[int], list[float], list[list[float]]]:
+    """(lengths, depths, grid[depth][length]) from `passkey_accuracy` records, for a heatmap."""
+    lengths = sorted({r["context_len"] for r in records})
+    depths = sorted({r["depth"] for r in records})
+    cell = {(r["context_len"], r["depth"]): r[value] for r in records}
+    return lengths, depths, [[cell.get((n, d), math.nan) for n in lengths] for d in depths]
+
+
+class PasskeyData:
+    """Passkey prompts as a training set, behind the batch-source protocol of `gdn_lab.data`.
+
+    Every row is a prompt of `seq_len + 1 - len(answer)` tokens followed by its answer, so rows
+    are exactly `seq_len` long after the shift; the needle depth is uniform in [0, 1] and the
+    loss mask covers the answer only. Row i of step n comes from seed (seed, "train", n, i):
+    resuming at step n sees the same rows; rank r of w gets rows [r*B, (r+1)*B).
+    """
+
+    def __init__(self, tokenizer, seq_len: int, seed: int = 0, haystack: str = "noise", num_digits: int = 5):
+        self.tokenizer, self.seq_len, self.seed = tokenizer, seq_len, seed
+        self.haystack, self.num_digits = haystack, num_digits
+        self._row("val", 0)  # a seq_len too short for the question fails here, not mid-training
+
+    def _row(self, split: str, *index: int) -> PasskeyExample:
+        rng = random.Random(derive_seed(self.seed, split, *index))
+        passkey = random_passkey(rng, self.num_digits)
+        _, answer = _split_answer(self.tokenizer, passkey)
+        return make_haystack(self.tokenizer, self.seq_len + 1 - len(answer), rng.random(), passkey,
+                             self.haystack, seed=rng.randrange(2 ** 31), num_digits=self.num_digits)
+
+    def train_batch(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1) -> Batch:
+        """This rank's `batch_size` rows of step `step`: inputs/targets [B, seq_len], mask on the answer."""
+        _require(0 <= rank < world_size, f"rank={rank} must be in [0, world_size={world_size})")
+        rows = range(rank * batch_size, (rank + 1) * batch_size)
+        return answer_batch([self._row("train", step, i) for i in rows])
+
+    def val_batches(self, batch_size: int, num_batches: int) -> list[Batch]:
+        """Fixed validation batches from a seed stream training never draws from."""
+        return [answer_batch([self._row("val", b, i) for i in range(batch_size)]) for b in range(num_batches)]
+
+    def __repr__(self) -> str:
+        return (f"PasskeyData(seq_len={self.seq_len}, haystack={self.haystack!r}, num_digits={self.num_digits}, "
+                f"seed={self.seed})")
+
+
+# ----------------------------------------------------------------------------------------------
+# loss by position
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def loss_by_position(model, tokens: torch.Tensor, seq_len: int, batch_size: int = 1, num_windows: int | None = None,
+                     dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Mean next-token loss (nats) at every position of `seq_len`-token windows of `tokens`.
+
+    tokens [N] long: held-out text, cut into consecutive windows of seq_len + 1 tokens (at most
+    `num_windows`, all that fit when None), `batch_size` windows per forward. Position t's loss
+    is that of predicting token t + 1 from tokens 0..t. Returns [seq_len] float32 on the CPU.
+    """
+    tokens = torch.as_tensor(tokens).flatten()
+    available = (len(tokens) - 1) // seq_len
+    _require(available >= 1, f"{len(tokens)} tokens hold no window of seq_len + 1 = {seq_len + 1}; "
+                             f"pass more held-out text or a shorter seq_len")
+    num_windows = available if num_windows is None else min(num_windows, available)
+    device = _model_device(model)
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    total = torch.zeros(seq_len, dtype=torch.float64)
+    for start in range(0, num_windows, batch_size):
+        windows = torch.stack([tokens[w * seq_len: w * seq_len + seq_len + 1]
+                               for w in range(start, min(start + batch_size, num_windows))]).to(device)
+        with _autocast(device, dtype):
+            logits = model(windows[:, :-1])
+        losses = F.cross_entropy(logits.float().transpose(1, 2), windows[:, 1:], reduction="none")  # [B, T]
+        total += losses.sum(0).double().cpu()
+    if hasattr(model, "train"):
+        model.train(was_training)
+    return (total / num_windows).float()
+
+
+def bucket_losses(losses: torch.Tensor, edges: Sequence[int] | None = None) -> list[dict]:
+    """Per-position losses [T] averaged over position buckets [start, end).
+
+    Default edges double: [0, 1), [1, 2), [2, 4), [4, 8), ... up to T, so the few early
+    positions (little context) and the many late ones each get a readable point.
+    Returns [{"start", "end", "loss"}].
+    """
+    T = len(losses)
+    if edges is None:
+        edges = [0] + [2 ** i for i in range(int(math.log2(T)) + 1) if 2 ** i < T] + [T]
+    edges = sorted(set(int(e) for e in edges))
+    _require(edges[0] >= 0 and edges[-1] <= T, f"bucket edges must lie in [0, {T}], got {edges}")
+    return [{"start": a, "end": b, "loss": float(losses[a:b].mean())}
+            for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+
+# ----------------------------------------------------------------------------------------------
+# cost vs sequence length
+# ----------------------------------------------------------------------------------------------
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def _time_call(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> tuple[float, float | None]:
+    """(median milliseconds per call, peak MiB allocated during the timed calls or None on the CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        return statistics.median(times), torch.cuda.max_memory_allocated(device) / 2 ** 20
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times), None
+
+
+def _measure(model, vocab_size: int, seq_len: int, batch_size: int, device: torch.device, dtype: torch.dtype | None,
+             backward: bool, warmup: int, repeats: int, seed: int) -> dict:
+    """One model at one length: the measured fields of a `scan_lengths` record (raises on OOM)."""
+    generator = torch.Generator().manual_seed(derive_seed(seed, seq_len))
+    ids = torch.randint(vocab_size, (batch_size, seq_len + 1), generator=generator).to(device)
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+
+    def forward():
+        with torch.no_grad(), _autocast(device, dtype):
+            model(inputs, targets=targets)
+
+    def train_step():
+        with _autocast(device, dtype):
+            loss = model(inputs, targets=targets)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    measured = {"weights_mib": torch.cuda.memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None}
+    measured["forward_ms"], measured["forward_peak_mib"] = _time_call(forward, device, warmup, repeats)
+    if backward:
+        measured["train_ms"], measured["train_peak_mib"] = _time_call(train_step, device, warmup, repeats)
+    step_ms = measured["train_ms"] if backward else measured["forward_ms"]
+    measured["tokens_per_s"] = batch_size * seq_len / (step_ms / 1e3)
+    return measured
+
+
+def scan_lengths(configs: dict[str, ModelConfig], lengths: Sequence[int], tokens_per_step: int | None = None,
+                 device: str | torch.device = "auto", dtype: torch.dtype | None = None, backward: bool = True,
+                 warmup: int = 2, repeats: int = 5, seed: int = 0) -> list[dict]:
+    """Forward and forward+backward time and peak memory of each model at each sequence length.
+
+    Each config is built once (`gdn_lab.models.build_model`, weights from `seed`); the batch is
+    1 sequence, or `tokens_per_step // seq_len` (at least 1) when `tokens_per_step` is set, so
+    every length sees the same tokens per step. The forward runs under `torch.no_grad` and
+    returns the loss only; forward+backward is a training step without the optimizer. On CUDA:
+    median CUDA-event times and `torch.cuda.max_memory_allocated` (weights included); on the
+    CPU: `time.perf_counter` and no memory. `dtype` (e.g. torch.bfloat16) runs both under
+    autocast, as `gdn_lab.train` does.
+
+    Returns one record per (model, length): {"model", "seq_len", "batch_size", "status"
+    ('ok' | 'oom' | 'skipped': a shorter length already ran out of memory), "forward_ms",
+    "forward_peak_mib", "train_ms", "train_peak_mib", "weights_mib", "tokens_per_s" (of the
+    training step, or of the forward when backward=False)}; None where not measured.
+    """
+    from .env import pick_device
+    from .models import build_model
+
+    device = pick_device(device) if isinstance(device, str) else device
+    records = []
+    for name, config in configs.items():
+        torch.manual_seed(seed)
+        model = build_model(config, device=device)
+        out_of_memory = False
+        for seq_len in lengths:
+            batch_size = 1 if tokens_per_step is None else max(1, tokens_per_step // seq_len)
+            record = {"model": name, "seq_len": int(seq_len), "batch_size": batch_size, "status": "ok",
+                      "forward_ms": None, "forward_peak_mib": None, "train_ms": None, "train_peak_mib": None,
+                      "weights_mib": None, "tokens_per_s": None}
+            if out_of_memory:
+                record["status"] = "skipped"
+            else:
+                try:
+                    record.update(_measure(model, config.vocab_size, seq_len, batch_size, device, dtype, backward,
+                                           warmup, repeats, seed))
+                except RuntimeError as err:  # torch.cuda.OutOfMemoryError is one
+                    if not _is_out_of_memory(err):
+                        raise
+                    record["status"], out_of_memory = "oom", True
+                    model.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            records.append(record)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return records
+
+
+def scan_ratios(records: Sequence[dict], numerator: str, denominator: str) -> list[dict]:
+    """Per length, `numerator` over `denominator` for time and peak memory (None where either
+    side did not run): {"seq_len", "forward_time", "train_time", "train_memory", "forward_memory"}."""
+    by_key = {(r["model"], r["seq_len"]): r for r in records}
+    ratios = []
+    for seq_len in sorted({r["seq_len"] for r in records}):
+        top, bottom = by_key.get((numerator, seq_len)), by_key.get((denominator, seq_len))
+        if top is None or bottom is None:
+            continue
+        row = {"seq_len": seq_len}
+        for ratio, field in (("forward_time", "forward_ms"), ("train_time", "train_ms"),
+                             ("forward_memory", "forward_peak_mib"), ("train_memory", "train_peak_mib")):
+            a, b = top[field], bottom[field]
+            row[ratio] = a / b if a is not None and b else None
+        ratios.append(row)
+    return ratios
+
+
+# ----------------------------------------------------------------------------------------------
+# recurrent state along a long context
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StateNorms:
+    """||S_t||_F of every GDN layer and head at sampled steps.
+
+    positions [P]: step t (0-based) after which the state was read; norms [L, H, P] for the
+    model's GDN layers `layers` (indices into model.model.layers), batch row 0.
+    """
+
+    positions: torch.Tensor
+    norms: torch.Tensor
+    layers: tuple[int, ...]
+
+    def to_dict(self) -> dict:
+        return {"positions": self.positions.tolist(), "layers": list(self.layers), "norms": self.norms.tolist()}
+
+
+@torch.no_grad()
+def state_norm_over_context(model, input_ids: torch.Tensor, num_points: int = 128) -> StateNorms:
+    """Frobenius norm of the recurrent state S_t [K, V] of every GDN head along `input_ids`.
+
+    input_ids [T] or [1, T]. One forward pass records each GDN layer's input; the layer's own
+    `features` (q, k, v, g, beta) then drive `gdn_lab.ops.chunk_gated_delta_rule` segment by
+    segment in fp32, reading the state at ~`num_points` evenly spaced steps (always the last),
+    so a 16k context costs one forward plus one chunked pass per layer.
+    """
+    from .layers import GatedDeltaNet
+    from .ops import chunk_gated_delta_rule
+
+    input_ids = torch.as_tensor(input_ids)
+    input_ids = input_ids[None] if input_ids.dim() == 1 else input_ids[:1]
+    T = input_ids.shape[1]
+    gdn_layers = [i for i, block in enumerate(model.model.layers) if isinstance(block.attn, GatedDeltaNet)]
+    _require(bool(gdn_layers), "the model has no Gated DeltaNet layer; its attention layers keep no recurrent state")
+    inputs: dict[int, torch.Tensor] = {}
+
+    def keep_input(index, module, args, kwargs):
+        inputs[index] = args[0] if args else kwargs["x"]
+
+    blocks = model.model.layers
+    hooks = [blocks[i].attn.register_forward_pre_hook(functools.partial(keep_input, i), with_kwargs=True)
+             for i in gdn_layers]
+    was_training = model.training
+    model.eval()
+    try:
+        model(input_ids.to(_model_device(model)))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+
+    every = max(1, math.ceil(T / num_points))
+    ends = list(range(every, T, every)) + [T]
+    norms = []
+    for i in gdn_layers:
+        features = blocks[i].attn.features(inputs.pop(i))
+        q, k, v, g, beta = (getattr(features, name).float() for name in ("q", "k", "v", "g", "beta"))
+        state, layer_norms, begin = None, [], 0
+        for end in ends:
+            _, state = chunk_gated_delta_rule(q[:, begin:end], k[:, begin:end], v[:, begin:end], g[:, begin:end],
+                                              beta[:, begin:end], initial_state=state)
+            layer_norms.append(state[0].norm(dim=(-2, -1)).cpu())  # [H]
+            begin = end
+        norms.append(torch.stack(layer_norms, dim=-1))  # [H, P]
+    return StateNorms(positions=torch.tensor(ends) - 1, norms=torch.stack(norms), layers=tuple(gdn_layers))
+

@@ -1,0 +1,537 @@
+"""The one training loop: one process or many (torchrun), checkpoints, resume, extend.
+
+    result = train(model, TrainConfig(steps=200), lm_data("pydoc"), "runs/gdn")
+    result = train(model, TrainConfig(steps=200), data, "runs/gdn", resume="auto", extend_steps=100)
+
+Each optimizer step takes the global batch `data.train_batch(step, batch_size, rank, world_size)`
+(a pure function of the step, so resume needs no loader state), splits this rank's rows into
+`grad_accum` micro-batches, and calls `model(inputs, targets=..., loss_mask=...)` so DDP's hooks
+fire. The loss is the mean over every scored token of the global batch, however it is split
+over micro-steps and ranks. Then: clip, AdamW, the next learning rate.
+
+Learning rate: linear warmup to `lr`, cosine down to `lr * min_lr_ratio` at `steps`.
+`extend_steps=N` lengthens a run to `steps + N` steps: from the step it resumes at, the rate
+ramps linearly (over at most `warmup_steps`) from where it stands to the rate a run planned for
+`steps + N` steps would have there, then follows a cosine down to the same minimum at the new end.
+Asking again with the same `steps` and `extend_steps` continues that extension (a Colab
+disconnect in the middle of it is resumed, not extended twice).
+
+Run directory (rank 0 writes it):
+    config.json             model, train and data settings, world size
+    checkpoints/            best.pt (lowest val loss), step_N.pt (every save_every, and on Ctrl-C),
+                            final.pt, diverged_step_N.pt (a NaN/inf loss); each written atomically
+    training_results.json   history: one record per step (train_loss, lr, tokens, grad_norm; and
+                            val_loss, val_acc, val_ppl at eval steps), environment, metrics
+    metrics.json            final val loss / accuracy / perplexity, tokens/s, steps, params
+    training_curves.html    `gdn_lab.viz.training_curves` of the history
+
+Multi-GPU: `torchrun --nproc_per_node 2 -m gdn_lab train --preset small` runs this same loop.
+It reads RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT, starts torch.distributed
+(nccl on CUDA, gloo on the CPU), wraps the model in DistributedDataParallel, gives each rank its
+block of every global batch and skips the gradient all-reduce on all but the last micro-step.
+`batch_size` stays the global batch: a checkpoint saved at one world size resumes at another.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import dataclasses
+import math
+import os
+import pathlib
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .config import ConfigError, ModelConfig, TrainConfig, get_preset
+from .env import BackendError, check_training_backend, pick_device, pick_dtype, resolve_backend
+from .results import save_results, write_json, write_metrics
+
+TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; a checkpoint of the last good weights was written."""
+
+
+class DistributedLaunchError(RuntimeError):
+    """The torchrun environment is incomplete or does not fit the configuration."""
+
+
+@dataclass
+class TrainResult:
+    """`history`: one dict per optimizer step (see the module docstring); `metrics`: what
+    metrics.json holds; `run_dir`: where checkpoints and files went."""
+
+    history: list[dict]
+    metrics: dict
+    run_dir: pathlib.Path
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where this process sits: rank of world_size, and the device it trains on."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launch_from_env(train_config: TrainConfig) -> Launch:
+    """One process, or a torchrun rank with torch.distributed started (nccl on CUDA, gloo on CPU).
+
+    Every check that can fail runs before `init_process_group`, so a bad launch stops each rank
+    with the same one-line error instead of leaving the others waiting.
+    """
+    device = pick_device(train_config.device)
+    if dist.is_available() and dist.is_initialized():
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    else:
+        present = [name for name in TORCHRUN_ENV if name in os.environ]
+        if not present:
+            return Launch(0, 1, device)
+        missing = [name for name in TORCHRUN_ENV if name not in os.environ]
+        if missing:
+            raise DistributedLaunchError(
+                f"{', '.join(present)} set but {', '.join(missing)} missing: launch with "
+                f"`torchrun --nproc_per_node N -m gdn_lab train ...`, or unset {', '.join(present)} for one process")
+        rank, local_rank, world_size = (int(os.environ[name]) for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+        if not 0 <= rank < world_size:
+            raise DistributedLaunchError(f"RANK={rank} is outside WORLD_SIZE={world_size}")
+    try:
+        train_config.micro_batch_size(world_size)
+    except ConfigError as err:
+        raise DistributedLaunchError(f"{err} (world_size={world_size} processes)") from None
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Launch(rank, world_size, device)
+
+
+def _all_reduce_sum(tensor: torch.Tensor, launch: Launch) -> torch.Tensor:
+    if launch.world_size > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def _segment_lr(step: int, segment: dict) -> float:
+    k = step - segment["start"]
+    if k < segment["warmup"]:
+        return segment["from_lr"] + (segment["peak_lr"] - segment["from_lr"]) * (k + 1) / segment["warmup"]
+    progress = min(1.0, (k - segment["warmup"]) / max(1, segment["end"] - segment["start"] - segment["warmup"] - 1))
+    return segment["min_lr"] + 0.5 * (segment["peak_lr"] - segment["min_lr"]) * (1 + math.cos(math.pi * progress))
+
+
+def lr_at(step: int, schedule: list[dict]) -> float:
+    """Learning rate for optimizer step `step` (0-based) of a schedule made by `new_schedule` and
+    `extend_schedule`: the last segment that starts at or before `step` applies."""
+    return _segment_lr(step, [s for s in schedule if s["start"] <= step][-1])
+
+
+def new_schedule(cfg: TrainConfig) -> list[dict]:
+    """Linear warmup from 0 to `lr` over `warmup_steps`, then a cosine that reaches `lr * min_lr_ratio`
+    at the last step (step `steps - 1`)."""
+    return [{"start": 0, "end": cfg.steps, "warmup": cfg.warmup_steps, "from_lr": 0.0, "peak_lr": cfg.lr,
+             "min_lr": cfg.lr * cfg.min_lr_ratio}]
+
+
+def extend_schedule(schedule: list[dict], step: int, new_end: int, cfg: TrainConfig) -> list[dict]:
+    """The schedule lengthened to `new_end` steps from `step` on: ramp from the current rate to the
+    rate a run planned for `new_end` steps has at `step`, then cosine to the minimum at `new_end`."""
+    planned = {**new_schedule(cfg)[0], "end": new_end}
+    segment = {"start": step, "end": new_end, "warmup": min(cfg.warmup_steps, (new_end - step) // 2),
+               "from_lr": lr_at(max(step - 1, 0), schedule), "peak_lr": _segment_lr(step, planned),
+               "min_lr": planned["min_lr"]}
+    return [s for s in schedule if s["start"] < step] + [segment]
+
+
+# ----------------------------------------------------------------------------- pieces of the loop
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW (fused on CUDA); no weight decay on vectors (norm weights, biases, A_log, dt_bias)
+    nor on parameters marked `_no_weight_decay`; embeddings and projections decay."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or getattr(param, "_no_weight_decay", False) else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: list, device: torch.device, dtype: torch.dtype = torch.float32,
+             launch: Launch | None = None) -> dict:
+    """Loss, next-token accuracy and perplexity over the scored (`mask`) positions of `batches`.
+
+    Logits come from `model(inputs)` ([B, T, vocab]). Under torchrun rank r takes batches
+    r::world_size and the sums are all-reduced, so every rank returns the full-set numbers.
+    """
+    launch = launch or Launch(0, 1, device)
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, scored tokens
+    for batch in batches[launch.rank::launch.world_size]:
+        batch = batch.to(device)
+        with _autocast(device, dtype):
+            logits = model(batch.inputs)
+        logits, targets = logits.float()[batch.mask], batch.targets[batch.mask]
+        sums += torch.stack([F.cross_entropy(logits, targets, reduction="sum").double(),
+                             (logits.argmax(-1) == targets).sum().double(), targets.new_tensor(len(targets)).double()])
+    model.train(was_training)
+    loss_sum, correct, tokens = _all_reduce_sum(sums, launch).tolist()
+    loss = loss_sum / max(tokens, 1)
+    return {"val_loss": loss, "val_acc": correct / max(tokens, 1), "val_ppl": math.exp(min(loss, 700.0))}
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict) -> pathlib.Path:
+    """torch.save to a temp file in the same folder, fsync, then rename: a crash or an exception
+    mid-write leaves the previous file at `path` intact."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def find_checkpoint(run_dir: str | os.PathLike) -> pathlib.Path | None:
+    """The checkpoint under `run_dir/checkpoints` with the most steps (final.pt on a tie), or None.
+    Diverged checkpoints are skipped: resuming them would diverge again."""
+    rank = {"final": 2, "best": 0}
+    found = []
+    for path in pathlib.Path(run_dir, "checkpoints").glob("*.pt"):
+        if not path.name.startswith("diverged"):
+            step = torch.load(path, map_location="cpu", mmap=True, weights_only=True)["step"]
+            found.append((step, rank.get(path.stem, 1), path))
+    return max(found)[2] if found else None
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def _curves(history: list[dict], path: pathlib.Path) -> None:
+    from .viz import save_html, training_curves
+
+    save_html(training_curves(history, title=f"Training curves: {path.parent.name}"), path)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(model: torch.nn.Module, train_config: TrainConfig, data, run_dir: str | os.PathLike,
+          resume: str | os.PathLike | None = None, extend_steps: int = 0, progress: bool = True,
+          on_eval=None) -> TrainResult:
+    """Train `model` on `data` (any batch source: `LMData`, `TaskData`) and write `run_dir`.
+
+    resume: None (start fresh), 'auto' (the latest checkpoint in run_dir if any, else fresh) or a
+    checkpoint path. extend_steps: train to `train_config.steps + extend_steps` steps (implies
+    resume='auto' when resume is None; see the module docstring for the schedule).
+    on_eval(step, record, history): called on rank 0 after each evaluation (live plots).
+    Raises TrainingDiverged on a NaN/inf loss, ConfigError / DistributedLaunchError on settings
+    that cannot work; a KeyboardInterrupt writes checkpoints/step_N.pt and is re-raised.
+    """
+    cfg, run_dir = train_config, pathlib.Path(run_dir)
+    if extend_steps < 0:
+        raise ConfigError(f"extend_steps must be >= 0, got {extend_steps}")
+    if extend_steps and resume is None:
+        resume = "auto"
+    launch = launch_from_env(cfg)
+    device, micro_batch = launch.device, cfg.micro_batch_size(launch.world_size)
+    _check_fit(model, cfg, data)
+    dtype = pick_dtype(device, cfg.dtype)
+    model_config = getattr(model, "config", None)
+    check_training_backend(resolve_backend(getattr(model_config, "backend", "torch"), device), device)
+
+    torch.manual_seed(cfg.seed)
+    model.to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    step, tokens, train_seconds, best_val, history, schedule = 0, 0, 0.0, math.inf, [], new_schedule(cfg)
+
+    checkpoint_path = find_checkpoint(run_dir) if resume == "auto" else resume
+    if resume == "auto" and extend_steps and checkpoint_path is None:
+        raise ConfigError(f"extend_steps={extend_steps} needs a run to extend, but {run_dir}/checkpoints is empty")
+    if checkpoint_path is not None:
+        saved = _load_checkpoint(checkpoint_path, device, cfg)
+        try:
+            model.load_state_dict(saved["model"])
+        except RuntimeError as err:
+            raise ConfigError(f"{checkpoint_path} does not fit this model: {str(err).splitlines()[0]}") from None
+        optimizer.load_state_dict(saved["optimizer"])
+        if saved["scaler"]:  # empty when the run had no GradScaler (bf16 / fp32)
+            scaler.load_state_dict(saved["scaler"])
+        step, tokens, train_seconds = saved["step"], saved["tokens"], saved["train_seconds"]
+        best_val = saved["best_val_loss"]
+        history, schedule = saved["history"], saved["schedule"]
+        _set_rng_state(saved["rng"], device)
+    if cfg.steps + extend_steps < schedule[-1]["end"]:
+        raise ConfigError(f"the run in {run_dir} was extended to {schedule[-1]['end']} steps; resume it with "
+                          f"extend_steps={schedule[-1]['end'] - cfg.steps}")
+    if cfg.steps + extend_steps > schedule[-1]["end"]:
+        schedule = extend_schedule(schedule, step, cfg.steps + extend_steps, cfg)
+    total_steps = schedule[-1]["end"]
+
+    bar = tqdm(total=total_steps, initial=step, desc=run_dir.name, disable=not (progress and launch.is_main),
+               dynamic_ncols=True)
+    ddp_model = model
+    if launch.world_size > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    val_batches = data.val_batches(micro_batch, cfg.eval_batches * cfg.grad_accum * launch.world_size)
+    num_params = sum(p.numel() for p in model.parameters())
+    run_config = {"model": model_config, "train": cfg}
+    if launch.is_main:
+        write_json(run_dir / "config.json", {
+            **run_config, "data": data.describe() if hasattr(data, "describe") else None,
+            "world_size": launch.world_size, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+            "num_params": num_params})
+
+    def checkpoint() -> dict:
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "schedule": schedule, "step": step, "tokens": tokens, "train_seconds": train_seconds,
+                "best_val_loss": best_val,
+                "history": history, "rng": _rng_state(device), "data_position": step,
+                "model_config": dataclasses.asdict(model_config) if dataclasses.is_dataclass(model_config) else None,
+                "train_config": cfg.to_dict()}
+
+    def evaluate_and_record() -> None:
+        nonlocal best_val
+        record = evaluate(model, val_batches, device, dtype, launch)
+        history[-1].update(record)
+        if not launch.is_main:
+            return
+        if record["val_loss"] < best_val:
+            best_val = record["val_loss"]
+            save_checkpoint(run_dir / "checkpoints" / "best.pt", checkpoint())
+        if progress:
+            bar.write(f"step {step}/{total_steps}: val loss {record['val_loss']:.4f}, "
+                      f"acc {record['val_acc']:.3f}, ppl {record['val_ppl']:.2f}")
+        save_results(run_dir / "training_results.json", {"history": history}, config=run_config, seed=cfg.seed)
+        if on_eval is not None:
+            on_eval(step, record, history)
+
+    model.train()
+    try:
+        while step < total_steps:
+            started = time.perf_counter()
+            lr = lr_at(step, schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = data.train_batch(step, cfg.batch_size, launch.rank, launch.world_size).to(device)
+            scored = _all_reduce_sum(batch.mask.sum().double(), launch)  # scored tokens in the global batch
+            step_loss = torch.zeros((), dtype=torch.float64, device=device)
+            micro_batches = batch.split(micro_batch)
+            for i, micro in enumerate(micro_batches):
+                last = i == len(micro_batches) - 1
+                with contextlib.nullcontext() if last or launch.world_size == 1 else ddp_model.no_sync():
+                    with _autocast(device, dtype):
+                        loss = ddp_model(micro.inputs, targets=micro.targets, loss_mask=micro.mask)
+                    # weight the micro-batch mean by its share of the global batch's scored tokens;
+                    # DDP averages over ranks, hence the world_size factor
+                    share = micro.mask.sum() * launch.world_size / scored
+                    scaler.scale(loss * share.to(loss.dtype)).backward()
+                step_loss += loss.detach().double() * micro.mask.sum()
+            step_loss = _all_reduce_sum(step_loss, launch) / scored
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+            loss_value, grad_norm = torch.stack([step_loss, grad_norm.double()]).tolist()
+            if not math.isfinite(loss_value):
+                path = run_dir / "checkpoints" / f"diverged_step_{step}.pt"
+                if launch.is_main:
+                    save_checkpoint(path, checkpoint())
+                raise TrainingDiverged(f"loss became {loss_value} at step {step + 1} (lr {lr:.2e}); weights before "
+                                       f"it saved to {path}: lower lr, raise warmup_steps or set grad_clip")
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens += batch.inputs.numel() * launch.world_size
+            train_seconds += time.perf_counter() - started
+            history.append({"step": step, "tokens": tokens, "train_loss": loss_value, "lr": lr,
+                            "grad_norm": grad_norm})
+            bar.update()
+            if step % cfg.log_every == 0:
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / train_seconds:.3g}")
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                evaluate_and_record()
+            if cfg.save_every and step % cfg.save_every == 0 and launch.is_main:
+                save_checkpoint(run_dir / "checkpoints" / f"step_{step}.pt", checkpoint())
+        if "val_loss" not in history[-1]:
+            evaluate_and_record()
+    except KeyboardInterrupt:
+        if launch.is_main:
+            path = save_checkpoint(run_dir / "checkpoints" / f"step_{step}.pt", checkpoint())
+            bar.write(f"interrupted at step {step}: saved {path}; continue with resume='auto'")
+        raise
+    finally:
+        bar.close()
+
+    final = history[-1]
+    metrics = {"final_val_loss": final["val_loss"], "final_val_acc": final["val_acc"],
+               "final_val_ppl": final["val_ppl"], "best_val_loss": best_val, "steps": step, "tokens": tokens,
+               "tokens_per_second": tokens / train_seconds,
+               "train_seconds": train_seconds, "num_params": num_params, "world_size": launch.world_size,
+               "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
+    if launch.is_main:
+        save_checkpoint(run_dir / "checkpoints" / "final.pt", checkpoint())
+        save_results(run_dir / "training_results.json", {"history": history, "metrics": metrics},
+                     config=run_config, seed=cfg.seed)
+        write_metrics(run_dir, metrics)
+        _curves(history, run_dir / "training_curves.html")
+    return TrainResult(history, metrics, run_dir)
+
+
+def _check_fit(model: torch.nn.Module, cfg: TrainConfig, data) -> None:
+    data_seq_len = getattr(data, "seq_len", cfg.seq_len)
+    if data_seq_len != cfg.seq_len:
+        raise ConfigError(f"the data serves sequences of {data_seq_len} tokens but train_config.seq_len="
+                          f"{cfg.seq_len}; build both with the same seq_len")
+    model_vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    data_vocab = getattr(data, "vocab_size", None)
+    if model_vocab is not None and data_vocab is not None and data_vocab > model_vocab:
+        raise ConfigError(f"the data has {data_vocab} token ids but the model's vocab_size={model_vocab}; "
+                          f"build the model with vocab_size={data_vocab}")
+
+
+def _load_checkpoint(path: str | os.PathLike, device: torch.device, cfg: TrainConfig) -> dict:
+    if not pathlib.Path(path).is_file():
+        raise ConfigError(f"no checkpoint at {path}; pass resume='auto' or an existing .pt file")
+    saved = torch.load(path, map_location=device, weights_only=True)
+    for name in ("batch_size", "seq_len"):
+        saved_value, value = saved["train_config"][name], getattr(cfg, name)
+        if saved_value != value:
+            raise ConfigError(f"{path} was trained with {name}={saved_value}, not {value}; resume with the same "
+                              f"value (grad_accum and world size may change)")
+    if saved["schedule"][0]["end"] != cfg.steps:
+        raise ConfigError(f"{path} is from a run planned for {saved['schedule'][0]['end']} steps but "
+                          f"train_config.steps={cfg.steps}; keep steps and pass extend_steps to train longer")
+    return saved
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _literal(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
+    """The preset's configs with --steps, --attn-layers and --set key=value applied (validated)."""
+    preset = get_preset(args.preset)
+    model_changes, train_changes = {}, {}
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or key not in model_fields | train_fields:
+            raise ConfigError(f"--set {item!r}: write key=value with a ModelConfig or TrainConfig field as key")
+        (model_changes if key in model_fields else train_changes)[key] = _literal(value)
+    if args.steps is not None:
+        train_changes["steps"] = args.steps
+    if args.attn_layers is not None:
+        layers = args.attn_layers
+        model_changes["attn_layers"] = tuple(int(i) for i in layers.split(",")) if layers[:1].isdigit() else layers
+    if "steps" in train_changes and "warmup_steps" not in train_changes:
+        train_changes["warmup_steps"] = min(preset.train.warmup_steps, max(0, train_changes["steps"] // 10))
+    return preset.model.replace(**model_changes), preset.train.replace(**train_changes)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m gdn_lab train",
+        description="Train a gdn_lab language model; under `torchrun --nproc_per_node N` on N processes.")
+    parser.add_argument("--preset", default="tiny", help="model + training preset (see `python -m gdn_lab presets`)")
+    parser.add_argument("--steps", type=int, help="optimizer steps (default: the preset's)")
+    parser.add_argument("--run-dir", help="where checkpoints and results go (default: runs/<preset>)")
+    parser.add_argument("--resume", help="'auto' (latest checkpoint in the run dir) or a checkpoint path")
+    parser.add_argument("--extend-steps", type=int, default=0, help="train a finished run this many steps longer")
+    parser.add_argument("--corpus", default="pydoc", help="'pydoc', 'python-source' or a Hugging Face dataset name")
+    parser.add_argument("--tokenizer", default="byte", help="'byte', 'bpe:<vocab>' or a Hugging Face tokenizer name")
+    parser.add_argument("--attn-layers", help="hybrid pattern (sparse, alternating, late, transformer, 2/12) "
+                                              "or indices such as 5,11")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a ModelConfig or TrainConfig field (a Python literal; repeatable)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m gdn_lab train ...`: build data and model from a preset, train, print the result.
+    Returns the exit status; configuration and launch problems print one line, status 2."""
+    args = _parser().parse_args(argv)
+    from .data import lm_data
+    from .models import build_model
+
+    try:
+        model_config, train_config = configs_from_args(args)
+        data = lm_data(args.corpus, args.tokenizer, seq_len=train_config.seq_len, seed=train_config.seed)
+        torch.manual_seed(train_config.seed)
+        model = build_model(model_config.replace(vocab_size=data.vocab_size))
+        result = train(model, train_config, data, args.run_dir or f"runs/{args.preset}", resume=args.resume,
+                       extend_steps=args.extend_steps, progress=not args.no_progress)
+    except (ConfigError, BackendError, DistributedLaunchError) as err:
+        print(f"gdn_lab train: {err}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as err:
+        print(f"gdn_lab train: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", 0)) == 0:
+        m = result.metrics
+        print(f"{m['steps']} steps, {m['tokens']:,} tokens: val loss {m['final_val_loss']:.4f}, "
+              f"acc {m['final_val_acc']:.3f}, ppl {m['final_val_ppl']:.2f}, {m['tokens_per_second']:,.0f} tokens/s "
+              f"-> {result.run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""Layers on the CPU: the GDN layer against an independent computation with FLA's naive
+recurrence, state_dicts shared with fla.layers.GatedDeltaNet, decoding with a state, left
+padding, and the attention layer's cache and RoPE."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gdn_lab.config import ConfigError
+from gdn_lab.env import BackendError
+from gdn_lab.layers import Attention, GatedDeltaNet, rotary
+
+FP32_ATOL = 2e-5
+SIZES = dict(hidden_size=32, num_heads=2, head_dim=8)
+
+
+def gdn(seed: int = 0, **overrides) -> GatedDeltaNet:
+    torch.manual_seed(seed)
+    return GatedDeltaNet(**{**SIZES, "backend": "torch", **overrides})
+
+
+def inputs(batch: int = 2, steps: int = 11, width: int = 32, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, steps, width, generator=torch.Generator().manual_seed(seed))
+
+
+def from_scratch(layer: GatedDeltaNet, x: torch.Tensor) -> torch.Tensor:
+    """The layer's math written out independently: nn.Conv1d's own forward (padded, truncated to
+    causal), F.normalize, FLA's naive recurrence and a hand-written gated RMSNorm."""
+    from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
+
+    B, T, _ = x.shape
+    H, K, V = layer.num_heads, layer.head_k_dim, layer.head_v_dim
+
+    def branch(proj, conv, dim):
+        h = proj(x)
+        if layer.use_short_conv:
+            h = conv(h.transpose(1, 2))[..., :T].transpose(1, 2)
+        return F.silu(h).reshape(B, T, H, dim)
+
+    q = F.normalize(branch(layer.q_proj, getattr(layer, "q_conv1d", None), K), dim=-1)
+    k = F.normalize(branch(layer.k_proj, getattr(layer, "k_conv1d", None), K), dim=-1)
+    v = branch(layer.v_proj, getattr(layer, "v_conv1d", None), V)
+    beta = layer.b_proj(x).sigmoid() * (2 if layer.allow_neg_eigval else 1)
+    g = (-layer.A_log.exp() * F.softplus(layer.a_proj(x) + layer.dt_bias) if layer.use_decay
+         else torch.zeros(B, T, H))
+    o, _ = naive_recurrent_gated_delta_rule(q, k, v, beta, g, scale=K ** -0.5)
+    o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + layer.o_norm.eps) * layer.o_norm.weight
+    if layer.use_gate:
+        o = o * F.silu(layer.g_proj(x).reshape(B, T, H, V))
+    return layer.o_proj(o.reshape(B, T, H * V))
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"use_gate": False, "allow_neg_eigval": True, "expand_v": 1.5},
+    {"conv_bias": True, "conv_size": 3},
+    {"use_decay": False},
+    {"use_short_conv": False},
+], ids=["default", "no-gate-neg-eig", "conv-bias", "deltanet", "no-conv"])
+def test_torch_forward_matches_from_scratch_naive_recurrence(overrides):
+    pytest.importorskip("fla.ops.gated_delta_rule.naive")
+    layer = gdn(**overrides)
+    with torch.no_grad():
+        layer.o_norm.weight.uniform_(0.5, 1.5)  # not the identity, so the norm weight is exercised
+        if overrides.get("conv_bias"):
+            for conv in (layer.q_conv1d, layer.k_conv1d, layer.v_conv1d):
+                conv.bias.normal_()
+    x = inputs()
+    y, state = layer(x)
+    assert state is None
+    expected = from_scratch(layer, x)
+    torch.testing.assert_close(y, expected, atol=FP32_ATOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"use_gate": False, "conv_bias": True}, {"expand_v": 1.0}])
+def test_state_dict_moves_both_ways_with_fla_layer(overrides):
+    fla_layers = pytest.importorskip("fla.layers")
+    ours = gdn(**overrides)
+    torch.manual_seed(5)
+    theirs = fla_layers.GatedDeltaNet(**SIZES, **overrides)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    assert ours.q_conv1d.weight.shape == (16, 1, 4)
+
+    theirs.load_state_dict(ours.state_dict())
+    for name, value in theirs.state_dict().items():
+        assert torch.equal(value, ours.state_dict()[name]), name
+    torch.manual_seed(6)
+    fresh = fla_layers.GatedDeltaNet(**SIZES, **overrides)
+    ours.load_state_dict(fresh.state_dict())
+    for name, value in ours.state_dict().items():
+        assert torch.equal(value, fresh.state_dict()[name]), name
+
+
+def test_decay_init_follows_fla():
+    layer = gdn(num_heads=64)
+    A = layer.A_log.exp()
+    dt = F.softplus(layer.dt_bias)
+    assert A.min() > 0 and A.max() < 16 and A.std() > 3           # U(0, 16)
+    assert dt.min() >= 1e-3 * 0.999 and dt.max() <= 0.1 * 1.001   # log-uniform in [1e-3, 0.1]
+    assert layer.A_log._no_weight_decay and layer.dt_bias._no_weight_decay
+
+
+def test_deltanet_ablation_has_no_decay_parameters():
+    layer = gdn(use_decay=False)
+    names = {name for name, _ in layer.named_parameters()}
+    assert not names & {"a_proj.weight", "A_log", "dt_bias"}
+    features = layer.features(inputs())
+    assert torch.equal(features.g, torch.zeros_like(features.g))
+    assert ((features.beta > 0) & (features.beta < 1)).all()
+
+
+def test_features_shapes_and_normalisation():
+    layer = gdn(expand_v=2.0)
+    f = layer.features(inputs(steps=5))
+    assert f.q.shape == f.k.shape == (2, 5, 2, 8) and f.v.shape == (2, 5, 2, 16)
+    assert f.g.shape == f.beta.shape == (2, 5, 2) and f.g.dtype == torch.float32
+    assert (f.g < 0).all()
+    torch.testing.assert_close(f.k.norm(dim=-1), torch.ones(2, 5, 2), atol=1e-4, rtol=0)
+    assert f.conv_state.shape == (2, 2 * 16 + 32, 3)
+
+
+def test_empty_state_shapes():
+    layer = gdn(expand_v=1.5)
+    state = layer.empty_state(3)
+    assert state.conv.shape == (3, 16 + 16 + 24, 3) and state.conv.dtype == torch.float32
+    assert state.recurrent.shape == (3, 2, 8, 12) and state.recurrent.dtype == torch.float32
+    assert gdn(use_short_conv=False).empty_state(1).conv.shape == (1, 64, 0)
+
+
+@torch.no_grad()
+def test_gdn_decoding_with_state_equals_full_forward_and_updates_buffers_in_place():
+    layer = gdn()
+    x = inputs(steps=12)
+    full, _ = layer(x)
+    state = layer.empty_state(2)
+    conv_buffer, recurrent_buffer = state.conv.data_ptr(), state.recurrent.data_ptr()
+    pieces = []
+    for start, stop in [(0, 5), (5, 8), (8, 9), (9, 10), (10, 11), (11, 12)]:  # prefill, a chunk, then tokens
+        y, returned = layer(x[:, start:stop], state)
+        assert returned is state
+        pieces.append(y)
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=FP32_ATOL, rtol=1e-4)
+    assert state.conv.data_ptr() == conv_buffer and state.recurrent.data_ptr() == recurrent_buffer
+
+
+def test_gradients_flow_through_the_state():
+    layer = gdn()
+    x = inputs(steps=10).requires_grad_()
+    full, _ = layer(x)
+    full.square().sum().backward()
+    expected_x, expected_A = x.grad.clone(), layer.A_log.grad.clone()
+    x.grad, layer.A_log.grad = None, None
+
+    state = layer.empty_state(2)
+    first, _ = layer(x[:, :6], state)
+    second, _ = layer(x[:, 6:], state)
+    torch.cat([first, second], 1).square().sum().backward()
+    torch.testing.assert_close(x.grad, expected_x, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(layer.A_log.grad, expected_A, atol=1e-4, rtol=1e-4)
+
+
+def left_pad(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T_i, D] prompts -> x [B, T, D] left-padded with noise (padding must not matter), mask [B, T]."""
+    T = max(p.shape[0] for p in prompts)
+    x = torch.randn(len(prompts), T, prompts[0].shape[-1], generator=torch.Generator().manual_seed(9)) * 3
+    mask = torch.zeros(len(prompts), T, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        x[i, T - p.shape[0]:] = p
+        mask[i, T - p.shape[0]:] = True
+    return x, mask
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("make_layer", [
+    lambda: gdn(),
+    lambda: gdn(allow_neg_eigval=True, use_gate=False),
+    lambda: Attention(32, 4, num_kv_heads=2),
+], ids=["gdn", "gdn-neg-eig", "attention"])
+@pytest.mark.parametrize("max_len", [None, 16])
+def test_left_padded_batch_decodes_like_each_prompt_alone(make_layer, max_len):
+    torch.manual_seed(0)
+    layer = make_layer()
+    prompts = [inputs(1, n, seed=10 + n)[0] for n in (7, 3, 1)]
+    continuation = inputs(3, 3, seed=20)
+
+    def new_state(batch):
+        if isinstance(layer, Attention):
+            return layer.empty_state(batch, max_len=max_len)
+        return layer.empty_state(batch)
+
+    x, mask = left_pad(prompts)
+    state = new_state(3)
+    y_prefill, _ = layer(x, state, mask)
+    assert torch.isfinite(y_prefill).all()
+    y_steps = [layer(continuation[:, t:t + 1], state)[0] for t in range(3)]
+
+    for i, prompt in enumerate(prompts):
+        alone = new_state(1)
+        y_alone, _ = layer(prompt[None], alone)
+        n = prompt.shape[0]
+        torch.testing.assert_close(y_prefill[i, -n:], y_alone[0], atol=FP32_ATOL, rtol=1e-4)
+        for t in range(3):
+            y_t, _ = layer(continuation[i:i + 1, t:t + 1], alone)
+            torch.testing.assert_close(y_steps[t][i], y_t[0], atol=FP32_ATOL, rtol=1e-4)
+
+
+def test_mask_without_state_matches_unpadded_forward():
+    layer = gdn()
+    prompts = [inputs(1, 6, seed=3)[0], inputs(1, 2, seed=4)[0]]
+    x, mask = left_pad(prompts)
+    y, _ = layer(x, mask=mask)
+    for i, prompt in enumerate(prompts):
+        alone, _ = layer(prompt[None])
+        torch.testing.assert_close(y[i, -prompt.shape[0]:], alone[0], atol=FP32_ATOL, rtol=1e-4)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("max_len", [None, 20])
+def test_attention_decoding_with_cache_equals_full_forward(max_len):
+    torch.manual_seed(0)
+    layer = Attention(32, 4, num_kv_heads=2, rope_theta=500.0)
+    x = inputs(steps=13)
+    full, _ = layer(x)
+    state = layer.empty_state(2, max_len=max_len)
+    pieces = [layer(x[:, :6], state)[0], layer(x[:, 6:9], state)[0]]
+    pieces += [layer(x[:, t:t + 1], state)[0] for t in range(9, 13)]
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=FP32_ATOL, rtol=1e-4)
+    assert int(state.length) == 13 and state.position.tolist() == [13, 13]
+    assert state.k.shape[2] == (max_len or 13)
+
+
+def test_attention_matches_explicit_softmax():
+    torch.manual_seed(0)
+    layer = Attention(32, 4, num_kv_heads=1)
+    x = inputs(steps=7)
+    y, _ = layer(x)
+    B, T, H, d = 2, 7, 4, 8
+    positions = torch.arange(T)
+    q = rotary(layer.q_proj(x).reshape(B, T, H, d), positions, layer.inv_freq).transpose(1, 2)
+    k = rotary(layer.k_proj(x).reshape(B, T, 1, d), positions, layer.inv_freq).transpose(1, 2)
+    v = layer.v_proj(x).reshape(B, T, 1, d).transpose(1, 2)
+    scores = (q @ k.transpose(-1, -2)) / d ** 0.5
+    scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    expected = layer.o_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, H * d))
+    torch.testing.assert_close(y, expected, atol=FP32_ATOL, rtol=1e-4)
+
+
+def test_rotary_matches_fla_reference():
+    rotary_ops = pytest.importorskip("fla.modules.rotary.ops")
+    d, T = 16, 9
+    x = torch.randn(2, T, 3, d)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d)
+    angles = torch.outer(torch.arange(T).float(), inv_freq)
+    expected = rotary_ops.rotary_embedding_ref(x, angles.cos(), angles.sin())
+    torch.testing.assert_close(rotary(x, torch.arange(T), inv_freq), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_backend_choice_on_cpu():
+    layer = gdn()
+    layer.set_backend("auto")
+    assert layer.kernel_backend(torch.device("cpu")) == "torch"
+    layer.set_backend("fla")
+    with pytest.raises(BackendError) as err:
+        layer(inputs())
+    assert "\n" not in str(err.value) and "backend='torch'" in str(err.value)
+    with pytest.raises(ConfigError):
+        gdn(backend="triton")
+    with pytest.raises(ConfigError, match="expand_v"):
+        gdn(expand_v=1.3)

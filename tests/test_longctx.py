@@ -1,0 +1,262 @@
+"""Long-context probes: haystack construction, passkey scoring, loss by position, the length scan."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gdn_lab import longctx
+from gdn_lab.config import ConfigError, ModelConfig
+from gdn_lab.data import ByteTokenizer, train_bpe
+
+BYTES = ByteTokenizer()
+
+
+def count_subsequence(ids: list[int], pattern: list[int]) -> int:
+    return sum(ids[i: i + len(pattern)] == pattern for i in range(len(ids) - len(pattern) + 1))
+
+
+def longest_sentence(tokenizer, haystack: str) -> int:
+    sentences = longctx.NOISE_SENTENCES if haystack == "noise" else longctx._text_sentences("pydoc")
+    return max(len(tokenizer.encode(" " + s)) for s in sentences)
+
+
+@pytest.mark.parametrize("haystack", longctx.HAYSTACKS)
+@pytest.mark.parametrize("context_len", [120, 333, 1024])
+@pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 0.9, 1.0])
+def test_haystack_exact_length_needle_once_at_depth(haystack, context_len, depth):
+    ex = longctx.make_haystack(BYTES, context_len, depth, haystack=haystack, seed=7)
+    ids = ex.input_ids.tolist()
+    text = BYTES.decode(ids)
+    needle = BYTES.encode(" " + longctx.NEEDLE.format(passkey=ex.passkey))
+    assert len(ids) == context_len
+    assert count_subsequence(ids, needle) == 1
+    assert text.count(ex.passkey) == 1
+    start, end = ex.needle_span
+    assert ids[start:end] == needle
+    # on a sentence boundary, within half a sentence of the asked depth
+    assert start == 0 or text[:start].rstrip()[-1] in ".!?" or start == ex.haystack_len
+    assert abs(start - depth * ex.haystack_len) <= longest_sentence(BYTES, haystack) / 2
+    assert ex.depth == pytest.approx(start / ex.haystack_len)
+    assert text.endswith(" " + longctx.QUESTION + " ")
+    assert BYTES.decode(ex.answer_ids.tolist()) == ex.passkey
+
+
+def test_haystack_depth_orders_the_needle():
+    starts = [longctx.make_haystack(BYTES, 2048, d, seed=1).needle_span[0] for d in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    assert starts == sorted(starts) and starts[0] == 0
+    budget = longctx.make_haystack(BYTES, 2048, 0.5, seed=1).haystack_len
+    assert starts[-1] == budget  # depth 1: right before the question
+
+
+@pytest.mark.parametrize("haystack", longctx.HAYSTACKS)
+def test_haystack_exact_length_with_bpe(tmp_path, haystack):
+    from gdn_lab.data import embedded_corpus
+
+    bpe = train_bpe(embedded_corpus("pydoc", max_chars=60_000), 400, cache_dir=tmp_path)
+    for context_len in (150, 700):
+        ex = longctx.make_haystack(bpe, context_len, 0.4, haystack=haystack, seed=3)
+        assert len(ex.input_ids) == context_len
+        full = bpe.decode(ex.input_ids.tolist() + ex.answer_ids.tolist())
+        assert full.count(f"magic number is {ex.passkey}") == 2  # the needle, then the answer
+        assert bpe.decode(ex.answer_ids.tolist()).strip() == ex.passkey
+        assert bpe.decode(ex.input_ids[slice(*ex.needle_span)].tolist()).strip() == \
+            longctx.NEEDLE.format(passkey=ex.passkey)
+
+
+def test_haystack_is_seeded_and_samples_share_passkeys():
+    a = longctx.make_haystack(BYTES, 300, 0.5, haystack="text", seed=11)
+    b = longctx.make_haystack(BYTES, 300, 0.5, haystack="text", seed=11)
+    assert torch.equal(a.input_ids, b.input_ids)
+    short = longctx.passkey_examples(BYTES, 200, 0.1, num_samples=4, seed=5)
+    long = longctx.passkey_examples(BYTES, 800, 0.9, num_samples=4, seed=5)
+    assert [e.passkey for e in short] == [e.passkey for e in long]
+    assert len({e.passkey for e in short}) == 4
+
+
+def test_haystack_errors_say_what_to_change():
+    with pytest.raises(ConfigError, match="use context_len >= "):
+        longctx.make_haystack(BYTES, 60, 0.5)
+    with pytest.raises(ConfigError, match="depth"):
+        longctx.make_haystack(BYTES, 300, 1.5)
+    with pytest.raises(ConfigError, match="haystack"):
+        longctx.make_haystack(BYTES, 300, 0.5, haystack="essays")
+
+
+class RetrievalOracle(torch.nn.Module):
+    """Reads the needle's digits from the prompt and predicts them after the question (bytes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.needle = BYTES.encode(longctx.NEEDLE.split("{")[0])
+        self.question = BYTES.encode(longctx.QUESTION + " ")
+
+    def forward(self, inputs):
+        B, T = inputs.shape
+        logits = torch.zeros(B, T, 256)
+        for b, row in enumerate(inputs.tolist()):
+            text = bytes(row)
+            start = text.index(bytes(self.needle)) + len(self.needle)
+            digits = text[start: text.index(b".", start)]
+            first = text.rindex(bytes(self.question)) + len(self.question) - 1  # predicts the first digit
+            for j, digit in enumerate(digits):
+                if first + j < T:
+                    logits[b, first + j, digit] = 1.0
+        return logits
+
+
+class AlwaysZero(torch.nn.Module):
+    def forward(self, inputs):
+        logits = torch.zeros(*inputs.shape, 256)
+        logits[..., ord("0")] = 1.0
+        return logits
+
+
+@pytest.mark.parametrize("haystack", longctx.HAYSTACKS)
+def test_passkey_accuracy_of_fake_models(haystack):
+    lengths, depths = [128, 400], [0.0, 0.5, 1.0]
+    records = longctx.passkey_accuracy(RetrievalOracle(), BYTES, lengths, depths, num_samples=5, seed=2,
+                                       haystack=haystack, batch_size=2)
+    assert [(r["context_len"], r["depth"]) for r in records] == [(n, d) for n in lengths for d in depths]
+    assert all(r["accuracy"] == 1.0 and r["digit_accuracy"] == 1.0 for r in records)
+
+    records = longctx.passkey_accuracy(AlwaysZero(), BYTES, lengths, depths, num_samples=5, seed=2,
+                                       haystack=haystack, batch_size=3)
+    passkeys = [e.passkey for e in longctx.passkey_examples(BYTES, 128, 0.0, 5, seed=2, haystack=haystack)]
+    zeros = sum(p.count("0") for p in passkeys) / sum(len(p) for p in passkeys)
+    assert zeros > 0  # seed 2 draws passkeys with zeros in them, so the value below is informative
+    for r in records:
+        assert r["accuracy"] == 0.0  # passkeys never start with 0
+        assert r["digit_accuracy"] == pytest.approx(zeros, abs=1e-12)
+
+
+def test_passkey_grid_is_depth_by_length():
+    records = [{"context_len": n, "depth": d, "accuracy": n + d} for n in (256, 128) for d in (0.5, 0.0)]
+    lengths, depths, grid = longctx.passkey_grid(records)
+    assert lengths == [128, 256] and depths == [0.0, 0.5]
+    assert grid == [[128.0, 256.0], [128.5, 256.5]]
+
+
+def test_passkey_data_batches():
+    data = longctx.PasskeyData(BYTES, seq_len=160, seed=4)
+    batch = data.train_batch(step=3, batch_size=4)
+    assert batch.inputs.shape == batch.targets.shape == batch.mask.shape == (4, 160)
+    assert batch.mask.sum(1).tolist() == [5] * 4
+    assert torch.equal(batch.inputs[:, 1:], batch.targets[:, :-1])
+    for row in range(4):
+        answer = BYTES.decode(batch.targets[row][batch.mask[row]].tolist())
+        assert f"magic number is {answer}." in BYTES.decode(batch.inputs[row].tolist())
+    again = data.train_batch(step=3, batch_size=4)
+    assert torch.equal(batch.inputs, again.inputs)
+    two_ranks = [data.train_batch(step=3, batch_size=2, rank=r, world_size=2) for r in (0, 1)]
+    assert torch.equal(torch.cat([b.inputs for b in two_ranks]), batch.inputs)
+    assert not torch.equal(data.val_batches(4, 1)[0].inputs, batch.inputs)
+
+
+class UniformModel(torch.nn.Module):
+    def forward(self, inputs):
+        return torch.zeros(*inputs.shape, 256)
+
+
+class ConfidentNext(torch.nn.Module):
+    """Puts logit 0.1 * t on token (x_t + 1) % 256: the loss at position t is log(1 + 255 e^(-0.1 t))."""
+
+    def forward(self, inputs):
+        B, T = inputs.shape
+        logits = torch.zeros(B, T, 256)
+        logits.scatter_(2, ((inputs + 1) % 256)[..., None], 0.1 * torch.arange(T, dtype=torch.float)[None, :, None]
+                        .expand(B, T, 1))
+        return logits
+
+
+def test_loss_by_position_uniform_is_log_vocab():
+    tokens = torch.randint(256, (1000,), generator=torch.Generator().manual_seed(0))
+    losses = longctx.loss_by_position(UniformModel(), tokens, seq_len=64, batch_size=4)
+    assert losses.shape == (64,)
+    torch.testing.assert_close(losses, torch.full((64,), math.log(256)), rtol=0, atol=1e-5)
+
+
+def test_loss_by_position_keeps_positions_apart():
+    tokens = torch.arange(1000) % 256  # the next token is always x + 1
+    losses = longctx.loss_by_position(ConfidentNext(), tokens, seq_len=32, batch_size=3, num_windows=7)
+    expected = torch.log1p(255 * torch.exp(-0.1 * torch.arange(32, dtype=torch.float64))).float()
+    torch.testing.assert_close(losses, expected, rtol=1e-5, atol=1e-5)
+    buckets = longctx.bucket_losses(losses)
+    assert [(b["start"], b["end"]) for b in buckets] == [(0, 1), (1, 2), (2, 4), (4, 8), (8, 16), (16, 32)]
+    assert buckets[3]["loss"] == pytest.approx(float(expected[4:8].mean()), rel=1e-5)
+    with pytest.raises(ConfigError, match="shorter seq_len"):
+        longctx.loss_by_position(UniformModel(), tokens[:20], seq_len=32)
+
+
+TINY = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, head_dim=8, attn_num_heads=2, backend="torch")
+
+
+def test_scan_lengths_records_on_cpu():
+    configs = {"gdn": ModelConfig(**TINY), "transformer": ModelConfig(**TINY, attn_layers="transformer")}
+    records = longctx.scan_lengths(configs, [16, 32], device="cpu", warmup=0, repeats=1)
+    assert [(r["model"], r["seq_len"]) for r in records] == [("gdn", 16), ("gdn", 32), ("transformer", 16),
+                                                             ("transformer", 32)]
+    for r in records:
+        assert r["status"] == "ok" and r["batch_size"] == 1
+        assert r["forward_ms"] > 0 and r["train_ms"] > 0 and r["tokens_per_s"] > 0
+        assert r["train_peak_mib"] is None  # no memory counter on the CPU
+    ratios = longctx.scan_ratios(records, "gdn", "transformer")
+    assert [r["seq_len"] for r in ratios] == [16, 32]
+    assert ratios[0]["train_time"] == pytest.approx(records[0]["train_ms"] / records[2]["train_ms"])
+    assert ratios[0]["train_memory"] is None
+
+    forward_only = longctx.scan_lengths({"gdn": configs["gdn"]}, [16, 32], tokens_per_step=64, device="cpu",
+                                        backward=False, warmup=0, repeats=1)
+    assert [r["batch_size"] for r in forward_only] == [4, 2]
+    assert all(r["train_ms"] is None and r["forward_ms"] > 0 for r in forward_only)
+
+
+def test_scan_lengths_records_out_of_memory(monkeypatch):
+    measure = longctx._measure
+
+    def runs_out_at_32(model, vocab_size, seq_len, *args):
+        if seq_len >= 32:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return measure(model, vocab_size, seq_len, *args)
+
+    monkeypatch.setattr(longctx, "_measure", runs_out_at_32)
+    records = longctx.scan_lengths({"gdn": ModelConfig(**TINY)}, [16, 32, 64], device="cpu", warmup=0, repeats=1)
+    assert [r["status"] for r in records] == ["ok", "oom", "skipped"]
+    assert records[1]["train_ms"] is None and records[2]["forward_ms"] is None
+
+
+def test_state_norm_over_context_matches_the_layers_own_state():
+    from gdn_lab.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**{**TINY, "num_layers": 3}, attn_layers=(1,)))
+    ids = torch.randint(64, (1, 50), generator=torch.Generator().manual_seed(1))
+    result = longctx.state_norm_over_context(model, ids, num_points=6)
+    assert result.layers == (0, 2)
+    assert result.positions.tolist() == [8, 17, 26, 35, 44, 49]
+    assert result.norms.shape == (2, 2, 6)
+
+    layer_inputs = {}
+
+    def keep_input(module, args, output):
+        layer_inputs[module.layer_idx] = args[0]
+
+    blocks = model.model.layers
+    hooks = [blocks[i].attn.register_forward_hook(keep_input) for i in (0, 2)]
+    with torch.no_grad():
+        model(ids)
+    for hook in hooks:
+        hook.remove()
+    for row, i in enumerate((0, 2)):
+        layer = blocks[i].attn
+        for column, t in enumerate(result.positions.tolist()):
+            state = layer.empty_state(1)
+            with torch.no_grad():
+                layer(layer_inputs[i][:, : t + 1], state)  # the real layer, run over the prefix
+            expected = state.recurrent[0].norm(dim=(-2, -1))
+            torch.testing.assert_close(result.norms[row, :, column], expected, rtol=1e-4, atol=1e-6)
+
+    transformer = build_model(ModelConfig(**TINY, attn_layers="transformer"))
+    with pytest.raises(ConfigError, match="no Gated DeltaNet layer"):
+        longctx.state_norm_over_context(transformer, ids)

@@ -1,0 +1,193 @@
+"""The causal LM on the CPU: decoding with a cache (GDN, attention, hybrid), left padding, the
+loss, FLA's init, export to and import from FLA's GatedDeltaNetForCausalLM, presets."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gdn_lab.config import PRESETS, ConfigError, ModelConfig
+from gdn_lab.layers import GDNState, KVState
+from gdn_lab.models import CausalLM, build_model, count_params, from_fla, preset_table, to_fla
+
+TINY = dict(vocab_size=50, hidden_size=32, num_layers=3, num_heads=2, head_dim=8, attn_num_heads=4,
+            attn_num_kv_heads=2, backend="torch")
+ATOL = 3e-5
+
+
+def model_with(seed: int = 0, **overrides) -> CausalLM:
+    torch.manual_seed(seed)
+    return build_model(ModelConfig(**{**TINY, **overrides})).eval()
+
+
+def token_ids(batch: int, steps: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, TINY["vocab_size"], (batch, steps), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("attn_layers", [(), (1,), "transformer"], ids=["gdn", "hybrid", "transformer"])
+@pytest.mark.parametrize("max_len", [None, 16])
+def test_decoding_with_cache_equals_full_forward(attn_layers, max_len):
+    model = model_with(attn_layers=attn_layers)
+    ids = token_ids(2, 12)
+    full = model(ids)
+    cache = model.new_cache(2, max_len=max_len)
+    kinds = {type(state) for state in cache.states}
+    assert kinds == ({GDNState} if attn_layers == () else {KVState} if attn_layers == "transformer"
+                     else {GDNState, KVState})
+    pieces = [model(ids[:, :5], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(5, 12)]
+    assert cache.seen_tokens == 12
+    logits = torch.cat(pieces, 1)
+    assert logits.dtype == torch.float32 and logits.shape == (2, 12, 50)
+    torch.testing.assert_close(logits, full, atol=ATOL, rtol=1e-4)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("full_width_mask", [False, True], ids=["step-mask", "hf-style-mask"])
+def test_left_padded_hybrid_batch_decodes_like_each_prompt_alone(full_width_mask):
+    model = model_with(attn_layers=(0, 2))
+    prompts = [token_ids(1, n, seed=n)[0] for n in (6, 2, 4)]
+    T = max(len(p) for p in prompts)
+    ids = torch.zeros(3, T, dtype=torch.long)
+    mask = torch.zeros(3, T, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):], mask[i, T - len(p):] = p, 1
+    steps = token_ids(3, 3, seed=7)
+
+    cache = model.new_cache(3, max_len=T + 3)
+    batch_logits = [model(ids, cache=cache, attention_mask=mask)]
+    for t in range(3):
+        mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1)
+        step_mask = mask if full_width_mask else None
+        batch_logits.append(model(steps[:, t:t + 1], cache=cache, attention_mask=step_mask))
+    assert torch.isfinite(batch_logits[0]).all()
+
+    for i, p in enumerate(prompts):
+        alone = model.new_cache(1)
+        expected = [model(p[None], cache=alone)] + [model(steps[i:i + 1, t:t + 1], cache=alone) for t in range(3)]
+        torch.testing.assert_close(batch_logits[0][i, T - len(p):], expected[0][0], atol=ATOL, rtol=1e-4)
+        for t in range(3):
+            torch.testing.assert_close(batch_logits[t + 1][i], expected[t + 1][0], atol=ATOL, rtol=1e-4)
+
+
+def test_cache_overflow_and_bad_mask_are_one_line_errors():
+    model = model_with(attn_layers=(1,))
+    cache = model.new_cache(1, max_len=4)
+    with torch.no_grad():
+        model(token_ids(1, 3), cache=cache)
+        with pytest.raises(ValueError, match="max_len=4") as err:
+            model(token_ids(1, 2), cache=cache)
+        assert "\n" not in str(err.value)
+        with pytest.raises(ValueError, match="attention_mask"):
+            model(token_ids(1, 2), attention_mask=torch.ones(1, 5))
+
+
+def test_loss_is_masked_mean_cross_entropy():
+    model = model_with(attn_layers=(2,))
+    ids, targets = token_ids(2, 9), token_ids(2, 9, seed=2)
+    loss_mask = torch.rand(2, 9, generator=torch.Generator().manual_seed(3)) > 0.4
+    logits = model(ids)
+    expected = F.cross_entropy(logits[loss_mask], targets[loss_mask])
+    torch.testing.assert_close(model(ids, targets=targets, loss_mask=loss_mask), expected, atol=1e-5, rtol=1e-5)
+    everything = F.cross_entropy(logits.reshape(-1, 50), targets.reshape(-1))
+    loss = model(ids, targets=targets)
+    torch.testing.assert_close(loss, everything, atol=1e-5, rtol=1e-5)
+    loss.backward()
+    assert model.model.layers[0].attn.A_log.grad is not None
+
+
+def test_init_follows_fla():
+    model = model_with(hidden_size=128, num_heads=4, head_dim=32, num_layers=2)
+    block = model.model.layers[0]
+    for weight in (block.attn.q_proj.weight, block.mlp.down_proj.weight, model.model.embeddings.weight,
+                   model.lm_head.weight, block.attn.q_conv1d.weight):
+        assert abs(weight.std().item() - 0.02) < 0.004
+    A = block.attn.A_log.exp()
+    assert 0 < A.min() and A.max() < 16
+    assert torch.equal(block.attn_norm.weight, torch.ones(128)) and torch.equal(block.attn.o_norm.weight,
+                                                                                 torch.ones(64))
+
+
+def test_names_mirror_fla_and_backend_switch():
+    model = model_with(attn_layers=(1,), tie_embeddings=True)
+    names = set(model.state_dict())
+    assert {"model.embeddings.weight", "model.norm.weight", "lm_head.weight", "model.layers.0.attn_norm.weight",
+            "model.layers.0.attn.A_log", "model.layers.1.attn.k_proj.weight", "model.layers.2.mlp.gate_proj.weight",
+            "model.layers.2.mlp_norm.weight"} <= names
+    assert model.lm_head.weight is model.model.embeddings.weight
+    assert model.num_params() == count_params(model.config)
+    model.set_backend("fla")
+    assert {m.backend for m in model.modules() if hasattr(m, "kernel_backend")} == {"fla"}
+    model.set_backend("auto")
+    assert model.model.layers[0].attn.kernel_backend(torch.device("cpu")) == "torch"
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, dict(attn_layers="alternating", use_gate=False), dict(use_decay=False, use_short_conv=False, expand_v=1.5),
+    dict(tie_embeddings=True, intermediate_size=100),
+])
+def test_count_params_matches_the_model(overrides):
+    config = ModelConfig(**{**TINY, **overrides})
+    assert count_params(config) == CausalLM(config).num_params()
+
+
+def test_build_model_from_preset_name():
+    model = build_model("tiny", vocab_size=300)
+    assert model.config.vocab_size == 300 and model.config.hidden_size == PRESETS["tiny"].model.hidden_size
+    assert model.lm_head.weight.shape == (300, model.config.hidden_size)
+    with pytest.raises(ConfigError, match="unknown preset"):
+        build_model("huge")
+
+
+def test_preset_table_lists_the_seed_presets():
+    table = preset_table()
+    for name in ("tiny", "small", "medium", "large", "rtx4090", "xlarge", "h100", "fla-small"):
+        assert f"| {name} |" in table
+    assert "| small | 128 x 4 | 4 x 64 (64) |" in table and "seed exp6 small (~2M)" in table
+    assert len(preset_table(["tiny", "small"]).splitlines()) == 4
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(attn_layers=(7,)), "out of range"),
+    (dict(expand_v=1.3), "expand_v"),
+    (dict(attn_layers=(0,), attn_num_heads=5), "divisible"),
+    (dict(backend="cuda"), "backend"),
+    (dict(attn_layers="3/12"), "num_layers=3"),
+])
+def test_model_config_errors_are_one_line(bad, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        ModelConfig(**{**TINY, **bad})
+    assert "\n" not in str(err.value)
+
+
+def test_to_fla_and_from_fla_round_trip(tmp_path):
+    pytest.importorskip("fla.models")
+    from fla.models import GatedDeltaNetForCausalLM
+
+    model = model_with(allow_neg_eigval=True, conv_size=3, hidden_ratio=2, attn_num_kv_heads=None)  # attn: defaults
+    ids = token_ids(2, 7)
+    with torch.no_grad():
+        logits = model(ids)
+    fla_model = to_fla(model)
+    assert isinstance(fla_model, GatedDeltaNetForCausalLM)
+    assert fla_model.config.num_hidden_layers == 3 and fla_model.config.allow_neg_eigval
+    assert fla_model.model.layers[0].attn.o_norm.eps == model.model.layers[0].attn.o_norm.eps == 1e-6
+    theirs = fla_model.state_dict()
+    assert set(theirs) == set(model.state_dict())
+    assert all(torch.equal(theirs[k], v) for k, v in model.state_dict().items())
+
+    fla_model.save_pretrained(tmp_path)
+    back = from_fla(tmp_path, backend="torch")
+    assert back.config == model.config
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(ids), logits, atol=0, rtol=0)
+    assert from_fla(GatedDeltaNetForCausalLM.from_pretrained(tmp_path), backend="torch").config == model.config
+
+
+def test_to_fla_refuses_models_fla_cannot_hold():
+    pytest.importorskip("fla.models")
+    with pytest.raises(ConfigError, match="attention layers"):
+        to_fla(model_with(attn_layers=(1,)))
+    with pytest.raises(ConfigError, match="use_decay"):
+        to_fla(model_with(use_decay=False))

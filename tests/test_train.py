@@ -1,0 +1,227 @@
+"""gdn_lab.train on the CPU: the loss falls, resume is bit-exact, saves are atomic, failures are one line."""
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from gdn_lab.config import ConfigError, ModelConfig, TrainConfig
+from gdn_lab.data import lm_data
+from gdn_lab.models import build_model
+from gdn_lab.train import (
+    TrainingDiverged,
+    extend_schedule,
+    find_checkpoint,
+    lr_at,
+    main,
+    make_optimizer,
+    new_schedule,
+    train,
+)
+
+# a two-layer hybrid (GDN then attention) so both mixers train through the loop
+TINY = ModelConfig(vocab_size=256, hidden_size=32, num_layers=2, num_heads=2, head_dim=8, attn_num_heads=2,
+                   attn_layers=(1,), backend="torch")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Bit-exact comparisons need a fixed thread count; one thread is also the fastest on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return lm_data("pydoc", "byte", seq_len=32, max_chars=100_000)
+
+
+def config(**changes) -> TrainConfig:
+    settings = dict(steps=12, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=2, eval_every=4, eval_batches=2)
+    return TrainConfig(**{**settings, **changes})
+
+
+def fresh_model(model_config: ModelConfig = TINY):
+    torch.manual_seed(0)
+    return build_model(model_config)
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """An uninterrupted 12-step run with a checkpoint every 6 steps."""
+    return train(fresh_model(), config(save_every=6), data, tmp_path_factory.mktemp("reference"), progress=False)
+
+
+class InterruptAt:
+    """A batch source that raises KeyboardInterrupt (as Ctrl-C would) when asked for `step`."""
+
+    def __init__(self, data, step: int):
+        self.data, self.step = data, step
+
+    def train_batch(self, step, *args):
+        if step == self.step:
+            raise KeyboardInterrupt
+        return self.data.train_batch(step, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.data, name)
+
+
+def one_line(err: pytest.ExceptionInfo) -> str:
+    message = str(err.value)
+    assert message and "\n" not in message
+    return message
+
+
+def test_loss_falls_on_the_embedded_corpus(data, tmp_path):
+    evals = []
+    result = train(fresh_model(), config(steps=40, batch_size=8, eval_every=20), data, tmp_path, progress=False,
+                   on_eval=lambda step, record, history: evals.append((step, record["val_loss"], len(history))))
+    first = result.history[0]["train_loss"]
+    assert abs(first - math.log(256)) < 0.1  # an untrained byte model is uniform
+    assert result.metrics["final_val_loss"] < 4.0 and result.metrics["final_val_acc"] > 0.1
+    assert [(step, length) for step, _, length in evals] == [(20, 20), (40, 40)]
+    assert evals[1][1] == result.metrics["final_val_loss"] == result.metrics["best_val_loss"]
+    assert result.metrics["final_val_ppl"] == pytest.approx(math.exp(result.metrics["final_val_loss"]))
+
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["steps"] == 40 and metrics["tokens"] == 40 * 8 * 32 and metrics["tokens_per_second"] > 0
+    assert metrics["num_params"] == sum(p.numel() for p in build_model(TINY).parameters())
+    saved = json.loads((tmp_path / "training_results.json").read_text())
+    assert saved["results"]["history"][-1]["val_loss"] == metrics["final_val_loss"]
+    assert "torch" in saved["environment"] and saved["config"]["train"]["steps"] == 40
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["attn_layers"] == [1]
+    assert (tmp_path / "training_curves.html").stat().st_size > 1000
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best.pt", "final.pt"]
+
+
+def test_resume_equals_the_uninterrupted_run_bitwise(data, reference, tmp_path):
+    checkpoint = reference.run_dir / "checkpoints" / "step_6.pt"
+    resumed = train(fresh_model(), config(save_every=6), data, tmp_path, resume=checkpoint, progress=False)
+    assert resumed.history == reference.history  # every loss, lr, grad norm and val metric, exactly
+    final = torch.load(reference.run_dir / "checkpoints" / "final.pt", weights_only=True)["model"]
+    again = torch.load(tmp_path / "checkpoints" / "final.pt", weights_only=True)["model"]
+    assert all(torch.equal(final[name], again[name]) for name in final)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_auto_finishes_the_run_exactly(data, reference, tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        train(fresh_model(), config(save_every=6), InterruptAt(data, 9), tmp_path, progress=False)
+    assert find_checkpoint(tmp_path).name == "step_9.pt"
+    assert torch.load(tmp_path / "checkpoints" / "step_9.pt", weights_only=True)["step"] == 9
+    resumed = train(fresh_model(), config(save_every=6), data, tmp_path, resume="auto", progress=False)
+    assert resumed.history == reference.history
+
+
+def test_an_exception_mid_save_leaves_the_previous_checkpoint_loadable(data, tmp_path, monkeypatch):
+    real_save, calls = torch.save, []
+
+    def save_that_dies_on_the_second_call(obj, f):
+        calls.append(1)
+        if len(calls) == 2:
+            f.write(b"PK\x03\x04 half a checkpoint")
+            raise OSError("No space left on device")
+        return real_save(obj, f)
+
+    monkeypatch.setattr(torch, "save", save_that_dies_on_the_second_call)
+    with pytest.raises(OSError, match="No space left"):  # best.pt at step 2, then its rewrite at step 4 dies
+        train(fresh_model(), config(eval_every=2), data, tmp_path, progress=False)
+    monkeypatch.undo()
+    assert len(calls) == 2
+    assert torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)["step"] == 2
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["best.pt"]  # no temp file left behind
+
+
+def test_nan_loss_stops_with_one_line_and_a_checkpoint(data, tmp_path):
+    def poison(step, record, history):
+        with torch.no_grad():
+            model.lm_head.weight.fill_(float("nan"))
+
+    model = fresh_model()
+    with pytest.raises(TrainingDiverged) as err:
+        train(model, config(), data, tmp_path, progress=False, on_eval=poison)
+    assert one_line(err).startswith("loss became nan at step 5")
+    assert torch.load(tmp_path / "checkpoints" / "diverged_step_4.pt", weights_only=True)["step"] == 4
+    assert find_checkpoint(tmp_path).name == "best.pt"  # resume='auto' skips the diverged one
+
+
+def test_bad_settings_are_one_line_errors(data, reference, tmp_path):
+    finished = tmp_path / "finished"
+    shutil.copytree(reference.run_dir, finished)
+    cases = [
+        (lambda: train(fresh_model(), config(seq_len=16), data, tmp_path / "a"), "seq_len"),
+        (lambda: train(fresh_model(TINY.replace(vocab_size=100)), config(), data, tmp_path / "b"), "vocab_size=256"),
+        (lambda: train(fresh_model(), config(), data, tmp_path / "c", resume=tmp_path / "no.pt"), "no checkpoint"),
+        (lambda: train(fresh_model(), config(), data, tmp_path / "d", extend_steps=5), "needs a run to extend"),
+        (lambda: train(fresh_model(), config(), data, tmp_path / "e", extend_steps=-1), "extend_steps must be"),
+        (lambda: train(fresh_model(), config(steps=20), data, finished, resume="auto"), "pass extend_steps"),
+        (lambda: train(fresh_model(), config(batch_size=8), data, finished, resume="auto"), "batch_size=4"),
+        (lambda: config(batch_size=6, grad_accum=4), "not divisible by grad_accum"),
+        (lambda: config(warmup_steps=12), "warmup_steps"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ConfigError, match=message) as err:
+            call()
+        one_line(err)
+
+
+def test_extend_lengthens_a_finished_run_and_is_idempotent(data, tmp_path):
+    base = train(fresh_model(), config(steps=8), data, tmp_path, progress=False)
+    extended = train(fresh_model(), config(steps=8), data, tmp_path, extend_steps=6, progress=False)
+    assert [r["step"] for r in extended.history] == list(range(1, 15))
+    assert extended.history[:8] == base.history  # the finished part is untouched
+    lrs = [r["lr"] for r in extended.history]
+    min_lr = 3e-3 * 0.1
+    assert lrs[7] == pytest.approx(min_lr)  # the base run ended on the floor
+    assert lrs[8] > lrs[7] and max(lrs[8:]) < 3e-3 and lrs[-1] < lrs[9]  # ramp up, then cosine down
+    assert extended.metrics["steps"] == 14 and extended.metrics["final_val_loss"] <= base.metrics["final_val_loss"]
+    again = train(fresh_model(), config(steps=8), data, tmp_path, extend_steps=6, progress=False)
+    assert again.history == extended.history  # asking again continues, it does not extend twice
+
+
+def test_schedule_warmup_cosine_and_extension():
+    cfg = TrainConfig(steps=100, lr=1.0, min_lr_ratio=0.1, warmup_steps=10)
+    schedule = new_schedule(cfg)
+    lrs = [lr_at(step, schedule) for step in range(100)]
+    assert lrs[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert lrs[10] == 1.0 and lrs[99] == pytest.approx(0.1)
+    longer = extend_schedule(schedule, 100, 150, cfg)
+    planned = new_schedule(cfg.replace(steps=150))
+    assert lr_at(99, longer) == lrs[99]  # history is not rewritten
+    assert lr_at(109, longer) == pytest.approx(lr_at(100, planned))  # ramped up to the 150-step plan's rate
+    assert lr_at(100, longer) == pytest.approx(lrs[99] + (lr_at(100, planned) - lrs[99]) / 10)
+    assert lr_at(149, longer) == pytest.approx(0.1)
+
+
+def test_grad_accumulation_matches_one_big_batch(data, tmp_path):
+    whole = train(fresh_model(), config(steps=4), data, tmp_path / "whole", progress=False)
+    accumulated = train(fresh_model(), config(steps=4, grad_accum=2), data, tmp_path / "accum", progress=False)
+    for a, b in zip(whole.history, accumulated.history, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)  # fp32 summation order only
+
+
+def test_no_weight_decay_on_vectors_and_marked_parameters():
+    model = build_model(TINY)
+    decay, no_decay = make_optimizer(model, config(), torch.device("cpu")).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert any(name.endswith("A_log") for name in no_decay_names)
+    assert any(name.endswith("dt_bias") for name in no_decay_names)
+    assert all(p.ndim >= 2 and not getattr(p, "_no_weight_decay", False) for p in decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_command_line(tmp_path, capsys):
+    args = ["--preset", "tiny", "--steps", "3", "--run-dir", str(tmp_path), "--set", "batch_size=4",
+            "--set", "seq_len=32", "--set", "eval_batches=1", "--no-progress"]
+    assert main(args) == 0
+    assert "3 steps" in capsys.readouterr().out
+    assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 3
+    assert main(args + ["--set", "colour=blue"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "colour=blue" in err

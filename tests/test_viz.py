@@ -1,0 +1,116 @@
+"""Every figure builder returns a go.Figure with the expected traces and frames for a tiny input."""
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+import torch
+
+from gdn_lab import viz
+
+B, T, H, K, V = 2, 12, 3, 4, 8
+TOKENS = [f"w{t}" for t in range(T)]
+
+
+@pytest.fixture
+def gates():
+    generator = torch.Generator().manual_seed(0)
+    return torch.rand(B, T, H, generator=generator), torch.rand(B, T, H, generator=generator)
+
+
+def test_state_heatmap_has_one_frame_per_kept_step_up_to_the_cap():
+    states = torch.randn(B, 5, H, K, V, generator=torch.Generator().manual_seed(0))
+    fig = viz.state_heatmap(states, TOKENS, head=1, steps=[0, 2, 5, 8, 11])
+    assert isinstance(fig, go.Figure)
+    assert len(fig.data) == 1 and fig.data[0].type == "heatmap"
+    assert [f.name for f in fig.frames] == ["0", "2", "5", "8", "11"]
+    assert np.allclose(fig.frames[2].data[0].z, states[0, 2, 1].numpy())
+    assert np.allclose(fig.data[0].z, states[0, 4, 1].numpy())           # opens on the last step
+    assert fig.data[0].zmin == -fig.data[0].zmax                         # centred, fixed across frames
+    assert len(fig.layout.sliders[0].steps) == 5
+
+    many = viz.state_heatmap(torch.randn(40 * 3, H, K, V), None, head=0, max_frames=40)
+    assert 2 <= len(many.frames) <= 40 and many.frames[-1].name == str(40 * 3 - 1)
+    single = viz.state_heatmap(states[:, :1], TOKENS, head=0, steps=[3])
+    assert len(single.frames) == 0 and not single.layout.sliders
+
+
+def test_state_heatmap_rejects_steps_that_do_not_match_the_states():
+    with pytest.raises(ValueError, match="one time index per state"):
+        viz.state_heatmap(torch.zeros(3, H, K, V), TOKENS, head=0, steps=[1, 2])
+
+
+def test_gate_traces_plot_alpha_and_beta_per_head_with_token_hover(gates):
+    alpha, beta = gates
+    fig = viz.gate_traces(alpha, beta, TOKENS, batch_index=1)
+    assert len(fig.data) == 2 * H
+    assert np.allclose(fig.data[0].y, alpha[1, :, 0].numpy())
+    assert np.allclose(fig.data[H + 2].y, beta[1, :, 2].numpy())
+    assert fig.data[0].text[3] == "3·w3"
+    assert [trace.showlegend for trace in fig.data] == [True] * H + [False] * H
+
+
+def test_gate_traces_want_one_token_per_step(gates):
+    with pytest.raises(ValueError, match="one string per step"):
+        viz.gate_traces(*gates, TOKENS[:-1])
+
+
+def test_state_norm_has_a_line_per_head():
+    norms = torch.rand(T, H)
+    fig = viz.state_norm(norms, TOKENS)
+    assert len(fig.data) == H and np.allclose(fig.data[2].y, norms[:, 2].numpy())
+
+
+def test_implicit_attention_heatmap_alone_and_beside_a_softmax_map():
+    A = torch.randn(T, T).tril()
+    fig = viz.implicit_attention_heatmap(A, TOKENS)
+    assert len(fig.data) == 1
+    z = np.array(fig.data[0].z, dtype=float)
+    assert np.isnan(z[0, 1]) and z[1, 0] == pytest.approx(A[1, 0].item())   # causal: blank above the diagonal
+    assert fig.layout.coloraxis.cmin == -fig.layout.coloraxis.cmax
+
+    softmax = torch.softmax(torch.randn(T, T).masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), -1e9), -1)
+    both = viz.implicit_attention_heatmap(A, TOKENS, softmax_map=softmax)
+    assert len(both.data) == 2 and both.data[1].coloraxis == "coloraxis2"
+    assert list(both.data[1].x) == [f"{t}·w{t}" for t in range(T)]
+
+
+@pytest.mark.parametrize("allow_neg_eigval", [False, True])
+def test_transition_spectrum_computes_one_minus_beta_along_k(allow_neg_eigval):
+    generator = torch.Generator().manual_seed(0)
+    k = torch.nn.functional.normalize(torch.randn(T, K, generator=generator), dim=-1)
+    sigmoid_beta = torch.rand(T, generator=generator)
+    beta = 2 * sigmoid_beta if allow_neg_eigval else sigmoid_beta
+    fig = viz.transition_spectrum(k, beta, allow_neg_eigval, TOKENS)
+    assert len(fig.data) == 4
+    smallest_without, largest_without, smallest_with, largest_with = (np.array(t.y) for t in fig.data)
+    assert np.allclose(smallest_without, 1 - sigmoid_beta.numpy(), atol=1e-5)
+    assert np.allclose(smallest_with, 1 - 2 * sigmoid_beta.numpy(), atol=1e-5)
+    assert np.allclose(largest_without, 1, atol=1e-5) and np.allclose(largest_with, 1, atol=1e-5)
+    assert (smallest_with < 0).any() and (smallest_without > 0).all()
+
+
+def test_training_curves_from_records_and_from_columns():
+    records = [{"step": 0, "train_loss": 3.0}, {"step": 10, "train_loss": 2.5, "val_loss": 2.7, "val_acc": 0.3},
+               {"step": 20, "train_loss": 2.0, "val_loss": 2.2, "val_acc": 0.4, "val_ppl": 9.0, "lr": 1e-3}]
+    fig = viz.training_curves(records)
+    assert [trace.name for trace in fig.data] == ["train", "val", "val", "val"]
+    assert list(fig.data[1].x) == [10, 20] and list(fig.data[1].y) == [2.7, 2.2]   # gaps dropped
+    assert fig.layout.yaxis3.type == "log"                                            # perplexity row
+    columns = viz.training_curves({"step": [0, 1], "train_loss": [2.0, 1.0], "val_loss": [2.1, 1.1]})
+    assert len(columns.data) == 2
+    with pytest.raises(ValueError, match="'step'"):
+        viz.training_curves([{"train_loss": 1.0}])
+
+
+def test_line_plot_draws_a_trace_per_series():
+    fig = viz.line_plot({"gdn": ([16, 32], [1.0, 0.9]), "attn": ([16, 32], [1.0, 1.0])}, "seq len", "accuracy",
+                        log_x=True)
+    assert [trace.name for trace in fig.data] == ["gdn", "attn"] and fig.layout.xaxis.type == "log"
+
+
+def test_save_html_shares_one_plotly_js_per_folder(tmp_path, gates):
+    first = viz.save_html(viz.gate_traces(*gates, TOKENS), tmp_path / "figs" / "gates.html")
+    viz.save_html(viz.state_norm(torch.rand(T, H), TOKENS), tmp_path / "figs" / "norm.html")
+    html = first.read_text()
+    assert '<script charset="utf-8" src="plotly.min.js"></script>' in html
+    assert len(html) < 200_000                                  # the page does not embed plotly.js
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["gates.html", "norm.html", "plotly.min.js"]
