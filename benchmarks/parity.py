@@ -131,14 +131,14 @@ def time_ms(step, iters: int, warmup: int = 3) -> float:
 
 def layer_timings(runnable: dict, x: torch.Tensor, dy: torch.Tensor, iters: int) -> dict[str, float]:
     """Training-step time (forward + backward, bf16 weights) of the layer per implementation."""
-    timings = {}
-    for name, (module, forward) in runnable.items():
-        if name == "gdn_lab-torch-recurrent":
-            continue
+    xb, dyb = x.detach().to(torch.bfloat16).requires_grad_(), dy.to(torch.bfloat16)
+
+    def train_step(module, forward):
         module = copy.deepcopy(module).to(torch.bfloat16)
-        xb, dyb = x.detach().to(torch.bfloat16).requires_grad_(), dy.to(torch.bfloat16)
-        timings[name] = time_ms(lambda: forward(module, xb).backward(dyb), iters)
-    return timings
+        return lambda: forward(module, xb).backward(dyb)
+
+    return {name: time_ms(train_step(module, forward), iters)
+            for name, (module, forward) in runnable.items() if name != "gdn_lab-torch-recurrent"}
 
 
 def model_timings(shape: dict, device: torch.device, iters: int, num_layers: int = 12,

@@ -318,7 +318,8 @@ class LMData:
     def val_batches(self, batch_size: int, num_batches: int) -> list[Batch]:
         """The first `batch_size * num_batches` validation windows in corpus order (fewer when the
         split is smaller), as batches of `batch_size`: the same sequences for every caller."""
-        return self._windows(self.val_windows[:batch_size * num_batches]).split(batch_size)
+        index = self.val_windows[:batch_size * num_batches]
+        return self._windows(index).split(batch_size) if len(index) else []
 
     def describe(self) -> dict:
         """What a run directory's config.json records about the data."""

@@ -244,6 +244,29 @@ def passkey_grid(records: Sequence[dict], value: str = "accuracy") -> tuple[list
     return lengths, depths, [[cell.get((n, d), math.nan) for n in lengths] for d in depths]
 
 
+def passkey_heatmap(tables: dict[str, Sequence[dict]], value: str = "accuracy", title: str = "Passkey retrieval"):
+    """Accuracy heatmaps (needle depth x context length), one panel per model, one colour scale.
+
+    `tables`: {model name: `passkey_accuracy` records}. Returns a plotly Figure with one
+    Heatmap trace per model. (A figure builder: it belongs in `gdn_lab.viz`, which has none yet.)
+    """
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=len(tables), subplot_titles=list(tables), shared_yaxes=True,
+                        horizontal_spacing=0.04)
+    for column, (name, records) in enumerate(tables.items(), start=1):
+        lengths, depths, grid = passkey_grid(records, value)
+        fig.add_heatmap(x=[str(n) for n in lengths], y=[f"{d:.2f}" for d in depths], z=grid, zmin=0, zmax=1,
+                        colorscale="Viridis", showscale=column == len(tables), name=name,
+                        text=[[f"{v:.2f}" for v in row] for row in grid], texttemplate="%{text}",
+                        hovertemplate="length %{x}<br>depth %{y}<br>" + value + " %{z:.2f}<extra>" + name + "</extra>",
+                        row=1, col=column)
+        fig.update_xaxes(title_text="context length (tokens)", type="category", row=1, col=column)
+    fig.update_yaxes(title_text="needle depth", row=1, col=1)
+    fig.update_layout(title=title, height=380, width=max(500, 420 * len(tables)))
+    return fig
+
+
 class PasskeyData:
     """Passkey prompts as a training set, behind the batch-source protocol of `gdn_lab.data`.
 
@@ -264,6 +287,15 @@ class PasskeyData:
         _, answer = _split_answer(self.tokenizer, passkey)
         return make_haystack(self.tokenizer, self.seq_len + 1 - len(answer), rng.random(), passkey,
                              self.haystack, seed=rng.randrange(2 ** 31), num_digits=self.num_digits)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def describe(self) -> dict:
+        """What a run directory's config.json records about the data."""
+        return {"task": "passkey", "seq_len": self.seq_len, "haystack": self.haystack, "num_digits": self.num_digits,
+                "seed": self.seed, "tokenizer": getattr(self.tokenizer, "name", None)}
 
     def train_batch(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1) -> Batch:
         """This rank's `batch_size` rows of step `step`: inputs/targets [B, seq_len], mask on the answer."""

@@ -226,7 +226,7 @@ def from_fla(fla_model, backend: str = "auto") -> CausalLM:
 
 def count_params(config: ModelConfig) -> int:
     """Parameters of `CausalLM(config)`, counted from the config alone (no weights allocated)."""
-    D, I = config.hidden_size, config.mlp_intermediate_size
+    D, hidden_mlp = config.hidden_size, config.mlp_intermediate_size
     gdn_width = 2 * config.num_heads * config.head_dim + config.num_heads * config.head_v_dim
     value_dim = config.num_heads * config.head_v_dim
     gdn = (D * gdn_width                                                    # q, k, v projections
@@ -238,7 +238,7 @@ def count_params(config: ModelConfig) -> int:
     attn_head_dim = D // config.attn_num_heads
     kv_dim = (config.attn_num_kv_heads or config.attn_num_heads) * attn_head_dim
     attn = 2 * D * D + 2 * D * kv_dim
-    per_block = 2 * D + 3 * D * I                                           # norms, MLP
+    per_block = 2 * D + 3 * D * hidden_mlp                                  # norms, MLP
     mixers = config.num_gdn_layers * gdn + config.num_attn_layers * attn
     embeddings = config.vocab_size * D * (1 if config.tie_embeddings else 2)
     return embeddings + D + config.num_layers * per_block + mixers

@@ -115,13 +115,14 @@ def chunk_gated_delta_rule(
     UT transform. With T = (I + A)^{-1} (one triangular solve, independent of S, so done for
     every chunk at once):
         U = U_v - W S,    U_v = T diag(beta) V,    W = T diag(beta exp(gamma)) K.
-    Output, with D_rs = exp(gamma_r - gamma_s) for s <= r and 0 above the diagonal:
-        O = diag(exp(gamma)) Q S + (Q K^T * D) U.
-    Chunk state update, with the keys decayed to the chunk's end k~_s = exp(gamma_C - gamma_s) k_s:
-        S_next = exp(gamma_C) S + K~^T U = (exp(gamma_C) I - K~^T W) S + K~^T U_v.
-    Only this last line runs chunk after chunk ([K, K] @ [K, V] per chunk); everything else is
-    batched over chunks. Every exponent above is a difference gamma_r - gamma_s with s <= r, so
-    <= 0 for g <= 0: entries above the diagonal are masked to -inf before exp, never overflow.
+    Chunk state update and output, with the keys decayed to the chunk's end
+    k~_s = exp(gamma_C - gamma_s) k_s, D_rs = exp(gamma_r - gamma_s) for s <= r (0 above the
+    diagonal) and P = Q K^T * D:
+        S_next = exp(gamma_C) S + K~^T U       = (exp(gamma_C) I - K~^T W) S + K~^T U_v,
+        O      = diag(exp(gamma)) Q S + P U    = (diag(exp(gamma)) Q - P W) S + P U_v.
+    Only the state update runs chunk after chunk (one [K, K] @ [K, V] product each); everything
+    else is batched over chunks. Every exponent is a sum g_{s+1} + ... + g_r <= 0 (s <= r),
+    summed directly rather than as gamma_r - gamma_s, so it neither overflows nor cancels.
     """
     _check_inputs(q, k, v, g, beta, initial_state)
     B, T, H, K = q.shape
@@ -134,33 +135,31 @@ def chunk_gated_delta_rule(
     q, k, v = (_to_chunks(x, C) for x in (q * scale, k, v))          # [B, H, N, C, K or V]
     g, beta = (_to_chunks(x[..., None], C)[..., 0] for x in (g, beta))  # [B, H, N, C]
 
-    gamma = g.cumsum(-1)
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    # gamma_r - gamma_s summed directly as g_{s+1} + ... + g_r: no cancellation between two large gammas
-    segment = g[..., :, None].expand(*g.shape, C).masked_fill(~causal.tril(-1), 0).cumsum(-2)
-    log_decay = segment.masked_fill(~causal, float("-inf"))
-    decay = log_decay.exp()  # D
+    gamma = g.cumsum(-1)                                                    # [B, H, N, C]
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()     # s <= r
+    # log D_rs = g_{s+1} + ... + g_r: a cumulative sum down each column of the strictly lower part
+    log_decay = g[..., :, None].expand(*g.shape, C).masked_fill(~causal.tril(-1), 0).cumsum(-2)
+    decay = log_decay.masked_fill(~causal, float("-inf")).exp()             # D [B, H, N, C, C]
+    decay_in, decay_out = gamma.exp(), decay[..., -1, :]                   # exp(gamma_r), exp(gamma_C - gamma_s)
+
     A = beta[..., :, None] * (k @ k.transpose(-1, -2)) * decay
     # unitriangular: the solver reads only A's strict lower triangle and takes the diagonal as 1
-    eye_c = torch.eye(C, device=q.device)
-    T_ut = torch.linalg.solve_triangular(A, eye_c, upper=False, unitriangular=True)  # (I + A)^{-1}
-    U_v = T_ut @ (beta[..., None] * v)
-    W = T_ut @ ((beta * gamma.exp())[..., None] * k)
+    T_ut = torch.linalg.solve_triangular(A, torch.eye(C, device=q.device), upper=False, unitriangular=True)
+    U_v = T_ut @ (beta[..., None] * v)                                     # [B, H, N, C, V]
+    W = T_ut @ ((beta * decay_in)[..., None] * k)                          # [B, H, N, C, K]
 
-    k_decayed = k * decay[..., -1, :, None]                       # K~
-    eye = torch.eye(K, device=q.device)
-    transition = gamma[..., -1, None, None].exp() * eye - k_decayed.transpose(-1, -2) @ W  # [B, H, N, K, K]
-    injection = k_decayed.transpose(-1, -2) @ U_v                                        # [B, H, N, K, V]
-
+    k_out = (k * decay_out[..., None]).transpose(-1, -2)                   # K~^T [B, H, N, K, C]
+    transition = decay_in[..., -1, None, None] * torch.eye(K, device=q.device) - k_out @ W  # [B, H, N, K, K]
+    injection = k_out @ U_v                                                 # [B, H, N, K, V]
     S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.float()
     chunk_starts = []
     for n in range(q.shape[2]):
         chunk_starts.append(S)
         S = transition[:, :, n] @ S + injection[:, :, n]
-    S_start = torch.stack(chunk_starts, dim=2)                                           # [B, H, N, K, V]
+    S_start = torch.stack(chunk_starts, dim=2)                              # [B, H, N, K, V]
 
-    U = U_v - W @ S_start
-    o = (q * gamma.exp()[..., None]) @ S_start + ((q @ k.transpose(-1, -2)) * decay) @ U
+    P = (q @ k.transpose(-1, -2)) * decay
+    o = (q * decay_in[..., None] - P @ W) @ S_start + P @ U_v              # [B, H, N, C, V]
     o = o.reshape(B, H, -1, V)[:, :, :T].transpose(1, 2)
     return o.to(dtype).contiguous(), S
 

@@ -322,6 +322,19 @@ def implicit_attention(features, head: int, batch_index: int = 0, scale: float |
     return scale * ((q @ k.T) * decay) @ weights
 
 
+def attention_hit_rate(A: torch.Tensor, query_positions: Sequence[int], key_positions: Sequence[int]) -> float:
+    """Fraction of query rows t whose largest weight A[t, i] sits on the expected key position.
+
+    A [T, T] (implicit or softmax attention); query_positions[j] is a row and key_positions[j]
+    the column it should attend to (for MQAR: a query and the value of its key-value pair).
+    """
+    if len(query_positions) != len(key_positions) or not query_positions:
+        raise ValueError(f"pass one expected key position per query (got {len(query_positions)} queries and "
+                         f"{len(key_positions)} keys)")
+    top = A[list(query_positions)].argmax(-1)
+    return (top == torch.as_tensor(list(key_positions), device=A.device)).float().mean().item()
+
+
 def effective_span(g: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
     """Memory span per head from the decay alone: the n with exp(n * mean(g)) = threshold.
 

@@ -21,11 +21,18 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import os
+import pathlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from .config import ConfigError
+from . import probe
+from .config import ConfigError, ModelConfig, TrainConfig
 from .data import Batch
+from .models import CausalLM, build_model
+from .train import train
 
 PAD = 0
 SEP = 1
@@ -150,17 +157,23 @@ def mqar_task(batch_size: int, seq_len: int, vocab_size: int, num_kv_pairs: int 
 TASKS = {"copy": copy_task, "reverse": reverse_task, "mqar": mqar_task}
 
 
-def render(batch: Batch, index: int = 0) -> str:
-    """One sequence of a batch as two aligned rows: the inputs (SEP as '|', PAD as '.', trailing
-    PAD dropped) and, under each answer position, the answer the model must predict there."""
+def render(batch: Batch, index: int = 0, predictions: torch.Tensor | None = None) -> str:
+    """One sequence of a batch as aligned rows: the inputs (SEP as '|', PAD as '.', trailing PAD
+    dropped) and, under each answer position, the answer the model must predict there. With
+    `predictions [B, T]` (argmax ids, see `predict`), a third row shows the model's answers and a
+    fourth marks the wrong ones with '^'."""
     inputs, targets, mask = (x[index].tolist() for x in (batch.inputs, batch.targets, batch.mask))
     kept = [t for t in range(len(inputs)) if inputs[t] != PAD or mask[t]]
-    inputs = inputs[: kept[-1] + 1] if kept else []
-    shown = [{PAD: ".", SEP: "|"}.get(t, str(t)) for t in inputs]
-    answers = [str(targets[t]) if mask[t] else "" for t in range(len(inputs))]
-    width = max(len(s) for s in shown + answers)
-    row = lambda label, cells: (f"{label:<9}" + " ".join(c.rjust(width) for c in cells)).rstrip()  # noqa: E731
-    return row("inputs", shown) + "\n" + row("answers", answers)
+    positions = range(kept[-1] + 1 if kept else 0)
+    rows = {"inputs": [{PAD: ".", SEP: "|"}.get(inputs[t], str(inputs[t])) for t in positions],
+            "answers": [str(targets[t]) if mask[t] else "" for t in positions]}
+    if predictions is not None:
+        predicted = predictions[index].tolist()
+        rows["model"] = [str(predicted[t]) if mask[t] else "" for t in positions]
+        rows["wrong"] = ["^" if mask[t] and predicted[t] != targets[t] else "" for t in positions]
+    width = max(len(cell) for cells in rows.values() for cell in cells)
+    return "\n".join((f"{label:<9}" + " ".join(cell.rjust(width) for cell in cells)).rstrip()
+                     for label, cells in rows.items())
 
 
 class TaskData:
@@ -248,21 +261,136 @@ def exact_match(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
 
 
 @torch.no_grad()
+def task_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """`model(batch.inputs)` in eval mode without gradients: logits [B, T, V] on the model's
+    device (the model's training mode is restored)."""
+    was_training = model.training
+    model.eval()
+    logits = model(batch.inputs.to(next(model.parameters()).device))
+    model.train(was_training)
+    return logits
+
+
+def predict(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """The model's argmax next token at every position: [B, T] long, on the CPU."""
+    return task_logits(model, batch).argmax(dim=-1).cpu()
+
+
 def evaluate_task(model: torch.nn.Module, data: TaskData, batch_size: int = 32, num_batches: int = 4) -> dict:
     """Score `model` on `data.val_batches(batch_size, num_batches)`.
 
     Returns {"accuracy": answer tokens right / answer tokens, "exact_match": sequences with
     every answer right / sequences}. The model's forward without targets gives logits [B, T, V].
     """
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     right = answers = exact = sequences = 0
     for batch in data.val_batches(batch_size, num_batches):
-        logits = model(batch.inputs.to(device))
+        logits = task_logits(model, batch)
         right += int(answer_correct(logits, batch).sum())
         answers += int(batch.mask.sum())
         exact += int(exact_match(logits, batch).sum())
         sequences += batch.inputs.shape[0]
-    model.train(was_training)
     return {"accuracy": right / max(1, answers), "exact_match": exact / max(1, sequences)}
+
+
+# ----------------------------------------------------------------------------- experiments
+
+
+def contender_configs(vocab_size: int, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 2,
+                      head_dim: int = 32, attn_num_heads: int = 2, hybrid_attn_layers: str | tuple = "late",
+                      backend: str = "auto", **common) -> dict[str, ModelConfig]:
+    """The four models the notebook compares, at one width (hidden size, depth, MLP):
+
+    GDN (every layer Gated DeltaNet), Transformer (every layer SDPA attention with RoPE),
+    DeltaNet (GDN without the decay gate: `use_decay=False`) and Hybrid (GDN with attention at
+    `hybrid_attn_layers`; 'late' puts it in the top layer of a 2-layer model).
+    `common`: any other ModelConfig field, shared by all four.
+    """
+    base = ModelConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                       head_dim=head_dim, attn_num_heads=attn_num_heads, backend=backend, **common)
+    return {"GDN": base, "Transformer": base.replace(attn_layers="transformer"),
+            "DeltaNet": base.replace(use_decay=False), "Hybrid": base.replace(attn_layers=hybrid_attn_layers)}
+
+
+def state_key_dims(config: ModelConfig) -> int:
+    """num_heads * head_dim of one GDN layer: how many orthogonal keys its state [H, K, V] can
+    hold apart, the delta rule's capacity in key-value associations (0 for a pure transformer)."""
+    return config.num_heads * config.head_dim if config.num_gdn_layers else 0
+
+
+@dataclass
+class TaskRun:
+    """One model trained on one task: `record` (settings and scores, JSON-ready) and the model."""
+
+    record: dict
+    model: CausalLM
+
+
+def train_on_task(name: str, config: ModelConfig, data: TaskData, train_config: TrainConfig,
+                  run_dir: str | os.PathLike, eval_batch_size: int = 64, eval_batches: int = 4,
+                  progress: bool = False) -> TaskRun:
+    """Build `config` (seeded by `train_config.seed`), train it on `data` with the one training
+    loop (`gdn_lab.train.train`, seq_len taken from `data`), score it with `evaluate_task`.
+
+    The record holds the model name, the task settings, num_heads, head_dim, state_key_dims,
+    num_params, train_seconds, final_val_loss, accuracy and exact_match.
+    """
+    torch.manual_seed(train_config.seed)
+    model = build_model(config)
+    result = train(model, train_config.replace(seq_len=data.seq_len), data, run_dir, progress=progress)
+    score = evaluate_task(model, data, eval_batch_size, eval_batches)
+    record = {"model": name, **data.describe(), "num_heads": config.num_heads, "head_dim": config.head_dim,
+              "state_key_dims": state_key_dims(config), "num_params": model.num_params(),
+              "train_seconds": result.metrics["train_seconds"], "final_val_loss": result.metrics["final_val_loss"],
+              **score}
+    return TaskRun(record, model)
+
+
+def run_name(name: str, data: TaskData, config: ModelConfig) -> str:
+    """A folder name for one run: 'GDN_mqar_T128_num_kv_pairs8_H2_K32'."""
+    settings = "".join(f"_{key}{value}" for key, value in data.task_kwargs.items())
+    return f"{name}_{data.task}_T{data.seq_len}{settings}_H{config.num_heads}_K{config.head_dim}"
+
+
+def sweep(points: Iterable[tuple[str, ModelConfig, TaskData]], train_config: TrainConfig,
+          run_dir: str | os.PathLike, eval_batch_size: int = 64, eval_batches: int = 4,
+          progress: bool = False) -> list[TaskRun]:
+    """`train_on_task` for each (name, config, data), each in `run_dir/run_name(...)`."""
+    return [train_on_task(name, config, data, train_config, pathlib.Path(run_dir) / run_name(name, data, config),
+                          eval_batch_size, eval_batches, progress)
+            for name, config, data in points]
+
+
+def accuracy_by_length(model: torch.nn.Module, data: TaskData, lengths: Sequence[int], batch_size: int = 64,
+                       num_batches: int = 2) -> list[dict]:
+    """Copy or reverse scored at fixed string lengths: [{"length", "accuracy", "exact_match"}]
+    (each length's strings drawn by `data.replace(min_length=L, max_length=L)`)."""
+    return [{"length": length,
+             **evaluate_task(model, data.replace(min_length=length, max_length=length), batch_size, num_batches)}
+            for length in lengths]
+
+
+def longest_solved(curve: Sequence[dict], threshold: float = 0.9, x: str = "length", y: str = "accuracy") -> int:
+    """The largest `x` before `y` first falls below `threshold`, scanning in order of x
+    (0 when the first point already fails). For copy: the longest string copied reliably."""
+    solved = 0
+    for point in sorted(curve, key=lambda p: p[x]):
+        if point[y] < threshold:
+            break
+        solved = point[x]
+    return solved
+
+
+def series(records: Sequence[dict], x: str, y: str = "accuracy", by: str = "model") -> dict[str, tuple[list, list]]:
+    """{records[by]: (xs, ys)} sorted by x: the input `gdn_lab.viz.line_plot` takes."""
+    grouped: dict[str, list[tuple]] = {}
+    for record in records:
+        grouped.setdefault(str(record[by]), []).append((record[x], record[y]))
+    return {name: tuple(map(list, zip(*sorted(points), strict=True))) for name, points in grouped.items()}
+
+
+def state_norm_while_copying(model: CausalLM, inputs: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+    """||S_t||_F [T] of one GDN layer (the first when None), averaged over heads, for one
+    sequence `inputs [1, T]` (e.g. a copy example: it grows while the string is read)."""
+    captured = probe.capture(model, inputs.to(model.device), layers=None if layer is None else [layer])
+    first = min(captured.layers) if layer is None else layer
+    return captured[first].state_norm[0].mean(dim=-1)

@@ -313,13 +313,15 @@ def train(model: torch.nn.Module, train_config: TrainConfig, data, run_dir: str 
         schedule = extend_schedule(schedule, step, cfg.steps + extend_steps, cfg)
     total_steps = schedule[-1]["end"]
 
-    bar = tqdm(total=total_steps, initial=step, desc=run_dir.name, disable=not (progress and launch.is_main),
-               dynamic_ncols=True)
+    val_batches = data.val_batches(micro_batch, cfg.eval_batches * cfg.grad_accum * launch.world_size)
+    if not val_batches:
+        raise ConfigError("the data has no validation batches; build it with val_fraction > 0")
     ddp_model = model
     if launch.world_size > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    val_batches = data.val_batches(micro_batch, cfg.eval_batches * cfg.grad_accum * launch.world_size)
+    bar = tqdm(total=total_steps, initial=step, desc=run_dir.name, disable=not (progress and launch.is_main),
+               dynamic_ncols=True)
     num_params = sum(p.numel() for p in model.parameters())
     run_config = {"model": model_config, "train": cfg}
     if launch.is_main:
@@ -330,11 +332,10 @@ def train(model: torch.nn.Module, train_config: TrainConfig, data, run_dir: str 
 
     def checkpoint() -> dict:
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "schedule": schedule, "step": step, "tokens": tokens, "train_seconds": train_seconds,
-                "best_val_loss": best_val,
-                "history": history, "rng": _rng_state(device), "data_position": step,
-                "model_config": dataclasses.asdict(model_config) if dataclasses.is_dataclass(model_config) else None,
-                "train_config": cfg.to_dict()}
+                "schedule": schedule, "step": step, "data_position": step, "tokens": tokens,
+                "train_seconds": train_seconds, "best_val_loss": best_val, "history": history,
+                "rng": _rng_state(device), "train_config": cfg.to_dict(),
+                "model_config": dataclasses.asdict(model_config) if dataclasses.is_dataclass(model_config) else None}
 
     def evaluate_and_record() -> None:
         nonlocal best_val

@@ -46,19 +46,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world_size: int, port: int, run_dir: str, resume: str | None) -> None:
+def _rank_main(rank: int, world_size: int, port: int, runs: list[tuple[str, str | None]]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
     try:
-        train(fresh_model(), config(grad_accum=1), make_data(), run_dir, resume=resume, progress=False)
+        for run_dir, resume in runs:  # one process group serves every run
+            train(fresh_model(), config(grad_accum=1), make_data(), run_dir, resume=resume, progress=False)
     finally:
         torch.distributed.destroy_process_group()
 
 
-def train_on_two_processes(run_dir, resume=None) -> list[dict]:
-    mp.spawn(_rank_main, args=(2, _free_port(), str(run_dir), resume and str(resume)), nprocs=2, join=True)
-    return json.loads((run_dir / "training_results.json").read_text())["results"]["history"]
+def train_on_two_processes(*runs: tuple[pathlib.Path, pathlib.Path | None]) -> list[list[dict]]:
+    """Each (run_dir, resume) trained in turn by the same two spawned processes; their histories."""
+    jobs = [(str(run_dir), resume and str(resume)) for run_dir, resume in runs]
+    mp.spawn(_rank_main, args=(2, _free_port(), jobs), nprocs=2, join=True)
+    return [json.loads((run_dir / "training_results.json").read_text())["results"]["history"] for run_dir, _ in runs]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -76,9 +79,11 @@ def single(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def double(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("double")
-    return run_dir, train_on_two_processes(run_dir)
+def double(single, tmp_path_factory):
+    """Two processes: a fresh run, and a resume of the single-process run's step-3 checkpoint."""
+    fresh, resumed = tmp_path_factory.mktemp("double"), tmp_path_factory.mktemp("double_resumed")
+    histories = train_on_two_processes((fresh, None), (resumed, single.run_dir / "checkpoints" / "step_3.pt"))
+    return {"run_dir": fresh, "history": histories[0], "resumed_history": histories[1]}
 
 
 def assert_same_run(a: list[dict], b: list[dict]) -> None:
@@ -90,22 +95,19 @@ def assert_same_run(a: list[dict], b: list[dict]) -> None:
 
 
 def test_two_processes_equal_one_with_the_same_global_batch(single, double):
-    run_dir, history = double
-    assert_same_run(single.history, history)
-    assert json.loads((run_dir / "metrics.json").read_text())["world_size"] == 2
-    assert json.loads((run_dir / "config.json").read_text())["world_size"] == 2
+    assert_same_run(single.history, double["history"])
+    assert json.loads((double["run_dir"] / "metrics.json").read_text())["world_size"] == 2
+    assert json.loads((double["run_dir"] / "config.json").read_text())["world_size"] == 2
 
 
-def test_a_two_process_checkpoint_resumes_in_one_process(single, double, tmp_path):
-    run_dir, history = double
+def test_a_two_process_checkpoint_resumes_in_one_process(double, tmp_path):
     resumed = train(fresh_model(), config(grad_accum=2), make_data(), tmp_path,
-                    resume=run_dir / "checkpoints" / "step_3.pt", progress=False)
-    assert_same_run(history, resumed.history)
+                    resume=double["run_dir"] / "checkpoints" / "step_3.pt", progress=False)
+    assert_same_run(double["history"], resumed.history)
 
 
-def test_a_one_process_checkpoint_resumes_in_two(single, tmp_path):
-    history = train_on_two_processes(tmp_path, resume=single.run_dir / "checkpoints" / "step_3.pt")
-    assert_same_run(single.history, history)
+def test_a_one_process_checkpoint_resumes_in_two(single, double):
+    assert_same_run(single.history, double["resumed_history"])
 
 
 def _torchrun_env(monkeypatch, **values) -> None:

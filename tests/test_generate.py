@@ -206,7 +206,7 @@ def test_eos_stops_each_sequence(models):
     free = generate(model, PROMPTS, max_new_tokens=10, temperature=0)
     eos = free[0][2]                                    # the third token of the first sequence
     stopped = generate(model, PROMPTS, max_new_tokens=10, temperature=0, eos_id=eos)
-    for row_free, row_stopped in zip(free, stopped):
+    for row_free, row_stopped in zip(free, stopped, strict=True):
         cut = row_free.index(eos) + 1 if eos in row_free else len(row_free)
         assert row_stopped == row_free[:cut]
 
@@ -215,7 +215,7 @@ def test_stream_callback_and_text_streamer(models):
     model = models["gdn"]
     seen = []
     tokens = generate(model, PROMPTS, max_new_tokens=5, temperature=0, stream=lambda step, ids: seen.append(ids))
-    assert [list(step) for step in zip(*seen)] == tokens
+    assert [list(step) for step in zip(*seen, strict=True)] == tokens
 
     out = io.StringIO()
     streamer = TextStreamer(ByteTokenizer(), prompt="> ", file=out)

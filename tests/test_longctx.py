@@ -137,6 +137,11 @@ def test_passkey_grid_is_depth_by_length():
     assert lengths == [128, 256] and depths == [0.0, 0.5]
     assert grid == [[128.0, 256.0], [128.5, 256.5]]
 
+    fig = longctx.passkey_heatmap({"gdn": records, "transformer": records[1:]})
+    assert [t.type for t in fig.data] == ["heatmap", "heatmap"]
+    assert [list(row) for row in fig.data[0].z] == grid
+    assert math.isnan(fig.data[1].z[1][1])  # (256, 0.5) is missing from the second table
+
 
 def test_passkey_data_batches():
     data = longctx.PasskeyData(BYTES, seq_len=160, seed=4)

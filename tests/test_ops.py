@@ -8,6 +8,9 @@ least damped case); asserted at 1e-5. The recurrence vs FLA's naive recurrence: 
 """
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,6 +20,32 @@ from gdn_lab.ops import chunk_gated_delta_rule, gated_delta_rule, recurrent_gate
 FP32_TOL = 1e-5
 BF16_TOL = 1e-2
 GRAD_NAMES = ("q", "k", "v", "g", "beta", "initial_state")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: a second thread only spins, which costs seconds on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def load_fla_naive():
+    """FLA's pure-torch reference, fla/ops/gated_delta_rule/naive.py, loaded as a file.
+
+    It needs only torch and einops; importing it through the fla package would load Triton
+    and every kernel first (~10 s of CPU).
+    """
+    pytest.importorskip("einops")
+    fla_spec = importlib.util.find_spec("fla")
+    if fla_spec is None:
+        pytest.skip("flash-linear-attention is not installed")
+    path = Path(fla_spec.origin).parent / "ops" / "gated_delta_rule" / "naive.py"
+    spec = importlib.util.spec_from_file_location("fla_gated_delta_rule_naive", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def rel_rmse(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -94,7 +123,7 @@ def test_chunk_size_only_changes_rounding(chunk_size):
 
 
 def test_recurrent_matches_fla_naive():
-    naive = pytest.importorskip("fla.ops.gated_delta_rule.naive")
+    naive = load_fla_naive()
     inputs = make_inputs(T=45, seed=11)
     q, k, v, g, beta, h0 = (inputs[name] for name in GRAD_NAMES)
     o, state, _ = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, scale=0.3)

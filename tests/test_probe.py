@@ -17,6 +17,7 @@ from gdn_lab.probe import (
     FP32_TOLERANCE,
     ProbeMemoryError,
     ProbeMismatch,
+    attention_hit_rate,
     capture,
     effective_span,
     implicit_attention,
@@ -158,6 +159,13 @@ def test_effective_span_on_hand_made_decays():
     assert effective_span(varying[None], threshold=0.25).item() == pytest.approx(2.0)  # 2 steps on average
     with pytest.raises(ConfigError, match="threshold"):
         effective_span(g, threshold=1.5)
+
+
+def test_attention_hit_rate_counts_rows_whose_top_weight_is_the_expected_key():
+    A = torch.eye(4) + 0.5 * torch.eye(4).roll(-1, 1)        # row t peaks at t (and 0.5 at t + 1)
+    assert attention_hit_rate(A, [0, 1, 2, 3], [0, 1, 2, 0]) == 0.75
+    with pytest.raises(ValueError, match="one expected key position per query"):
+        attention_hit_rate(A, [0, 1], [0])
 
 
 def test_softmax_attention_map_matches_the_attention_layer(model, input_ids):

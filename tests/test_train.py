@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gdn_lab.config import ConfigError, ModelConfig, TrainConfig
-from gdn_lab.data import lm_data
+from gdn_lab.data import LMData, lm_data
 from gdn_lab.models import build_model
 from gdn_lab.train import (
     TrainingDiverged,
@@ -159,6 +159,8 @@ def test_bad_settings_are_one_line_errors(data, reference, tmp_path):
         (lambda: train(fresh_model(), config(), data, tmp_path / "e", extend_steps=-1), "extend_steps must be"),
         (lambda: train(fresh_model(), config(steps=20), data, finished, resume="auto"), "pass extend_steps"),
         (lambda: train(fresh_model(), config(batch_size=8), data, finished, resume="auto"), "batch_size=4"),
+        (lambda: train(fresh_model(), config(), LMData(data.tokens, 32, val_fraction=0), tmp_path / "f"),
+         "no validation batches"),
         (lambda: config(batch_size=6, grad_accum=4), "not divisible by grad_accum"),
         (lambda: config(warmup_steps=12), "warmup_steps"),
     ]

@@ -1,0 +1,325 @@
+"""Training throughput and peak memory: gdn_lab GDN vs FLA's GatedDeltaNetForCausalLM vs an SDPA transformer.
+
+Per model and context (1k, 4k, 16k tokens) every optimizer step takes --tokens-per-step tokens
+(32k: batch 32 x 1k, 8 x 4k, 2 x 16k), the work of one `gdn_lab.train` step without data loading:
+bf16 autocast forward with the loss, backward, gradient clipping at 1.0, fused AdamW
+(`gdn_lab.train.make_optimizer`), zero_grad. --warmup steps run untimed (Triton autotuning,
+allocator warm-up); then --steps steps are timed between two CUDA events.
+
+    gdn          gdn_lab's CausalLM, GDN layers on FLA's chunk kernels (backend 'fla'), `model(x, targets=y)`
+    fla          FLA's GatedDeltaNetForCausalLM with the same weights (`gdn_lab.models.to_fla`),
+                 `model(input_ids=x, labels=x).loss` (FLA shifts the labels itself; its fused norm,
+                 SwiGLU and cross-entropy are on, as by default)
+    transformer  gdn_lab's SDPA transformer of the same width and depth (RoPE, SwiGLU MLP)
+
+Models: 768d x 12 layers, 12 heads x 64 (GDN value dim 128: FLA's quick-reference "small"),
+vocab 32000, fp32 weights under bf16 autocast as in training. A cell that runs out of memory is
+recorded as 'oom'. Issue 5's targets are evaluated and recorded, met or not.
+
+    python benchmarks/train_throughput.py --out benchmarks/results/train_throughput_h100.json
+    python benchmarks/train_throughput.py --smoke --device cpu                  # seconds, CPU (no fla)
+    torchrun --standalone --nproc_per_node 2 benchmarks/train_throughput.py --models gdn --contexts 4096
+    python benchmarks/train_throughput.py --scaling 1 2 --models gdn --contexts 4096 --out ...
+
+Under torchrun the model is wrapped in DistributedDataParallel and every rank takes
+--tokens-per-step tokens per step (weak scaling); tokens/s is summed over the ranks and timed by
+the slowest. `--scaling 1 2` launches torchrun once per world size and records the scaling
+efficiency: tokens/s on N GPUs / (N x tokens/s on one).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from gdn_lab.config import ModelConfig, TrainConfig, get_preset  # noqa: E402
+from gdn_lab.env import (  # noqa: E402
+    check_training_backend,
+    environment_report,
+    fla_unavailable_reason,
+    pick_device,
+    pick_dtype,
+    resolve_backend,
+)
+from gdn_lab.models import build_model, to_fla  # noqa: E402
+from gdn_lab.results import save_results  # noqa: E402
+from gdn_lab.train import make_optimizer  # noqa: E402
+
+FULL_CONTEXTS = (1024, 4096, 16384)
+SMOKE_CONTEXTS = (32, 128)
+MODELS = ("gdn", "fla", "transformer")
+# issue 5: GDN >= 1.0x FLA's model at 1k and 16k, GDN >= 1.3x the SDPA transformer at 16k
+TARGETS = (("gdn_over_fla", 1024, 1.0), ("gdn_over_fla", 16384, 1.0), ("gdn_over_transformer", 16384, 1.3))
+
+
+def model_configs(smoke: bool, vocab_size: int, backend: str) -> dict[str, ModelConfig]:
+    """GDN and transformer configs: FLA's 'small' (768d x 12L, 12 heads x 64), or tiny for --smoke."""
+    base = get_preset("fla-small").model.replace(vocab_size=vocab_size, max_position_embeddings=65536,
+                                                 backend=backend)
+    if smoke:
+        base = base.replace(hidden_size=64, num_layers=2, num_heads=2, head_dim=16, attn_num_heads=2)
+    return {"gdn": base, "transformer": base.replace(attn_layers="transformer")}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class Timer:
+    """Elapsed seconds between start() and stop(): CUDA events on a GPU, the host clock on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            self.begin, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            self.begin.record()
+        else:
+            self.begin = time.perf_counter()
+
+    def stop(self) -> float:
+        if self.device.type == "cuda":
+            self.end.record()
+            self.end.synchronize()
+            return self.begin.elapsed_time(self.end) / 1e3
+        return time.perf_counter() - self.begin
+
+
+def loss_fn(name: str):
+    if name == "fla":
+        return lambda model, x, y: model(input_ids=x, labels=x).loss
+    return lambda model, x, y: model(x, targets=y)
+
+
+def run_cell(name: str, model: torch.nn.Module, context: int, args, device: torch.device, dtype: torch.dtype,
+             world_size: int) -> dict:
+    """Train `model` for warmup + timed steps at `context`; out-of-memory is recorded, not raised."""
+    batch = max(1, args.tokens_per_step // context)
+    record = {"model": name, "context": context, "batch": batch, "tokens_per_step": batch * context * world_size,
+              "world_size": world_size, "status": "ok", "tokens_per_s": None, "ms_per_step": None, "peak_mib": None}
+    free_memory(device)
+    ddp = world_size > 1
+    module = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index]) if ddp else model
+    optimizer = make_optimizer(model, TrainConfig(lr=1e-4), device)
+    compute_loss = loss_fn(name)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    tokens = torch.randint(0, args.vocab_size, (batch, context + 1), device=device, generator=generator)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = compute_loss(module, inputs, targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    try:
+        for _ in range(args.warmup):
+            step()
+        synchronize(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        timer = Timer(device)
+        timer.start()
+        for _ in range(args.steps):
+            step()
+        seconds = timer.stop()
+        if ddp:  # the slowest rank sets the pace
+            slowest = torch.tensor(seconds, device=device)
+            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+            seconds = slowest.item()
+        record.update(tokens_per_s=record["tokens_per_step"] * args.steps / seconds,
+                      ms_per_step=seconds / args.steps * 1e3,
+                      peak_mib=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None)
+    except torch.cuda.OutOfMemoryError:
+        record["status"] = "oom"
+    finally:
+        optimizer = module = None
+        model.zero_grad(set_to_none=True)
+        free_memory(device)
+    return record
+
+
+def lookup(records: list[dict], name: str, context: int) -> float | None:
+    for r in records:
+        if (r["model"], r["context"]) == (name, context) and r["status"] == "ok":
+            return r["tokens_per_s"]
+    return None
+
+
+def summarize(records: list[dict], contexts: tuple[int, ...]) -> tuple[dict, list[dict]]:
+    """Throughput ratios per context (gdn over fla, gdn over transformer) and issue 5's targets."""
+    ratios: dict = {"gdn_over_fla": {}, "gdn_over_transformer": {}}
+    for context in contexts:
+        gdn = lookup(records, "gdn", context)
+        for key, other in (("gdn_over_fla", "fla"), ("gdn_over_transformer", "transformer")):
+            other_tps = lookup(records, other, context)
+            ratios[key][str(context)] = gdn / other_tps if gdn is not None and other_tps is not None else None
+    targets = []
+    for key, context, floor in TARGETS:
+        value = ratios[key].get(str(context))
+        targets.append({"ratio": key, "context": context, "target": f">= {floor}", "value": value,
+                        "met": None if value is None else value >= floor})
+    return ratios, targets
+
+
+def table(records: list[dict]) -> str:
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    lines = [f"{'model':<13}{'context':>8}{'batch':>6}{'status':>7}{'tokens/s':>12}{'ms/step':>10}{'peak MiB':>10}"]
+    for r in records:
+        lines.append(f"{r['model']:<13}{r['context']:>8}{r['batch']:>6}{r['status']:>7}"
+                     f"{fmt(r['tokens_per_s'], ',.0f'):>12}{fmt(r['ms_per_step'], '.1f'):>10}"
+                     f"{fmt(r['peak_mib'], ',.0f'):>10}")
+    return "\n".join(lines)
+
+
+def scaling(args, argv: list[str]) -> dict:
+    """Run this script under torchrun once per world size in args.scaling; efficiency per model/context."""
+    passthrough = _without(_without(argv, "--scaling", len(args.scaling)), "--out", 1)
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for world_size in args.scaling:
+            out = pathlib.Path(tmp, f"world{world_size}.json")
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                       str(world_size), __file__, *passthrough, "--out", str(out)]
+            print("$ " + " ".join(command), flush=True)
+            subprocess.run(command, check=True)
+            runs[world_size] = json.loads(out.read_text())["results"]
+    base = min(runs)
+    efficiency = {}
+    for record in runs[base]["records"]:
+        key = f"{record['model']} @{record['context']}"
+        for world_size, result in runs.items():
+            tps = lookup(result["records"], record["model"], record["context"])
+            ideal = record["tokens_per_s"] and world_size / base * record["tokens_per_s"]
+            efficiency.setdefault(key, {})[str(world_size)] = tps / ideal if tps and ideal else None
+    for key, per_world in efficiency.items():
+        print(f"scaling efficiency {key}: " + ", ".join(f"{w} GPUs {fmt_ratio(e)}" for w, e in per_world.items()))
+    return {"runs": {str(w): r for w, r in runs.items()}, "scaling_efficiency": efficiency,
+            "note": "weak scaling: every rank takes --tokens-per-step tokens per step; efficiency = tokens/s on N "
+                    "/ (N x tokens/s on one); aim >= 0.9"}
+
+
+def _without(argv: list[str], option: str, values: int) -> list[str]:
+    """`argv` less `option` and the `values` arguments after it."""
+    if option not in argv:
+        return argv
+    i = argv.index(option)
+    return argv[:i] + argv[i + 1 + values:]
+
+
+def fmt_ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="64d x 2 layers, contexts 32 and 128 (CPU, seconds)")
+    parser.add_argument("--device", default="auto", help="auto | cuda | cpu")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on Ampere+ GPUs, fp32 on the CPU) | float32 | ...")
+    parser.add_argument("--contexts", type=int, nargs="+", help="context lengths (default 1024 4096 16384)")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--tokens-per-step", type=int, default=32768, help="per rank; batch = this / context")
+    parser.add_argument("--vocab-size", type=int, default=32000)
+    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per cell")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (autotuning)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scaling", type=int, nargs="+", metavar="N",
+                        help="world sizes to run under torchrun, e.g. 1 2: records the scaling efficiency")
+    parser.add_argument("--out", type=pathlib.Path, help="results JSON (gdn_lab.results.save_results)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.vocab_size, args.steps, args.warmup = min(args.vocab_size, 256), min(args.steps, 2), min(args.warmup, 1)
+        args.tokens_per_step = min(args.tokens_per_step, 256)
+    if args.scaling:
+        results = scaling(args, argv)
+        if args.out:
+            print(f"wrote {save_results(args.out, results, config=vars(args), seed=args.seed)}")
+        return results
+
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    device = pick_device(args.device)
+    if world_size > 1:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if device.type == "cuda" else device
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    is_main = int(os.environ.get("RANK", 0)) == 0
+    say = print if is_main else (lambda *a, **k: None)
+    dtype = pick_dtype(device, args.dtype)
+    backend = resolve_backend("auto", device)
+    check_training_backend(backend, device)
+    contexts = tuple(args.contexts or (SMOKE_CONTEXTS if args.smoke else FULL_CONTEXTS))
+    report = environment_report(str(device))
+    say(f"{report['device_name']} x {world_size} | torch {report['torch']} | triton {report['triton']} | "
+        f"fla {report['flash-linear-attention']} | gdn backend {backend} | {str(dtype).replace('torch.', '')}")
+
+    configs = model_configs(args.smoke, args.vocab_size, backend)
+    torch.manual_seed(args.seed)
+    models: dict = {}
+    notes: dict[str, str] = {}
+    gdn = build_model(configs["gdn"]).to(device)
+    if "gdn" in args.models:
+        models["gdn"] = gdn
+    if "fla" in args.models:
+        reason = fla_unavailable_reason(device.type)
+        if reason:
+            notes["fla"] = f"skipped: {reason}"
+        else:
+            models["fla"] = to_fla(gdn)
+    if "transformer" in args.models:
+        models["transformer"] = build_model(configs["transformer"]).to(device)
+    params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
+    say("parameters: " + ", ".join(f"{n} {p / 1e6:.1f}M" for n, p in params.items()))
+
+    records = []
+    for name, model in models.items():
+        for context in contexts:
+            record = run_cell(name, model, context, args, device, dtype, world_size)
+            records.append(record)
+            say(table([record]).splitlines()[1], flush=True)
+    ratios, targets = summarize(records, contexts)
+    say(table(records))
+    for key, per_context in ratios.items():
+        say(f"{key}: " + ", ".join(f"{c}: {fmt_ratio(v)}" for c, v in per_context.items()))
+    for target in targets:
+        say(f"target {target['ratio']} @{target['context']} {target['target']}: {fmt_ratio(target['value'])} "
+            f"-> {target['met']}")
+    results = {"records": records, "ratios": ratios, "targets": targets, "parameters": params, "notes": notes,
+               "world_size": world_size}
+    if args.out and is_main:
+        config = {"contexts": list(contexts), "tokens_per_step": args.tokens_per_step, "dtype": str(dtype),
+                  "steps": args.steps, "warmup": args.warmup, "smoke": args.smoke, "backend": backend,
+                  "world_size": world_size, "models": {name: c.to_dict() for name, c in configs.items()}}
+        say(f"wrote {save_results(args.out, results, config=config, seed=args.seed, device=str(device))}")
+    if world_size > 1:
+        dist.destroy_process_group()
+    return results
+
+
+if __name__ == "__main__":
+    main()
