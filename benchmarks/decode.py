@@ -253,7 +253,7 @@ def summarize(records: list[dict], contexts: tuple[int, ...], batches: tuple[int
     speedup = min((s for s in speedups if s is not None), default=None)
     measured = {"batch1_8k_ms_per_token": (at_mid, [mid], le), "batch1_32k_over_128": (flat, [short, long], le),
                 "batch1_speedup_vs_fla": (speedup, list(contexts), ge)}
-    targets = {key: {"value": value, "contexts": where, "target": f"{op.__name__} {TARGETS[key]}",
+    targets = {key: {"value": value, "contexts": where, "target": f"{'<=' if op is le else '>='} {TARGETS[key]}",
                      "met": None if value is None else op(value, TARGETS[key])}
                for key, (value, where, op) in measured.items()}
     return ratios, targets

@@ -35,19 +35,20 @@ SMOKE_LENGTHS = (64, 128)
 MODELS = {"gdn": "gdn", "transformer": "transformer", "hybrid": "sparse"}  # name -> attention pattern
 
 
-def model_configs(smoke: bool, vocab_size: int, backend: str, max_len: int) -> dict:
+def model_configs(smoke: bool, vocab_size: int, backend: str) -> dict:
     """The three models: the `h100` preset (or a 4-layer 32d model for --smoke), one per pattern."""
     base = get_preset("h100").model
     if smoke:
         base = base.replace(hidden_size=32, num_layers=4, num_heads=2, head_dim=16, attn_num_heads=2)
-    base = base.replace(vocab_size=vocab_size, backend=backend, max_position_embeddings=max_len)
+    base = base.replace(vocab_size=vocab_size, backend=backend)
     return {name: base.replace(attn_layers=pattern) for name, pattern in MODELS.items()}
 
 
-def table(records: list[dict]) -> str:
-    def fmt(value, spec):
-        return "-" if value is None else format(value, spec)
+def fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
+
+def table(records: list[dict]) -> str:
     lines = [f"{'model':<12}{'seq_len':>8}{'status':>9}{'fwd ms':>10}{'fwd+bwd ms':>12}{'peak MiB':>10}"
              f"{'tokens/s':>11}"]
     for r in records:
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = pick_dtype(device, args.dtype)
     lengths = args.lengths or (SMOKE_LENGTHS if args.smoke else FULL_LENGTHS)
     warmup, repeats = (1, 2) if args.smoke else (args.warmup, args.repeats)
-    configs = model_configs(args.smoke, args.vocab_size, args.backend, max(lengths))
+    configs = model_configs(args.smoke, args.vocab_size, args.backend)
     report = environment_report(str(device), args.backend)
     print(f"{report['device_name']} | torch {report['torch']} | triton {report['triton']} | "
           f"fla {report['flash-linear-attention']} | backend {report['backend']} | {str(dtype).replace('torch.', '')}")
@@ -89,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     ratios = {f"{name}/transformer": scan_ratios(records, name, "transformer") for name in ("gdn", "hybrid")}
     print(table(records))
     for label, rows in ratios.items():
-        cells = "  ".join(f"{r['seq_len']}: time {r['train_time'] or r['forward_time'] or float('nan'):.2f}x "
-                          f"mem {r['train_memory'] or r['forward_memory'] or float('nan'):.2f}x" for r in rows)
+        cells = "  ".join(f"{r['seq_len']}: time {fmt(r['train_time'] or r['forward_time'], '.2f')}x "
+                          f"memory {fmt(r['train_memory'] or r['forward_memory'], '.2f')}x" for r in rows)
         print(f"{label:<22}{cells}")
     if args.out:
         config = {"lengths": list(lengths), "dtype": str(dtype), "backend": args.backend,

@@ -511,51 +511,29 @@ class StateNorms:
 
 
 @torch.no_grad()
-def state_norm_over_context(model, input_ids: torch.Tensor, num_points: int = 128) -> StateNorms:
+def state_norm_over_context(model, input_ids: torch.Tensor, num_points: int | None = 256) -> StateNorms:
     """Frobenius norm of the recurrent state S_t [K, V] of every GDN head along `input_ids`.
 
-    input_ids [T] or [1, T]. One forward pass records each GDN layer's input; the layer's own
-    `features` (q, k, v, g, beta) then drive `gdn_lab.ops.chunk_gated_delta_rule` segment by
-    segment in fp32, reading the state at ~`num_points` evenly spaced steps (always the last),
-    so a 16k context costs one forward plus one chunked pass per layer.
+    input_ids [T] or [1, T]. `gdn_lab.probe.capture` recomputes every GDN layer in fp32 from the
+    layer's own q, k, v, g, beta, checks the result against the layer's real output, and keeps
+    ||S_t|| at every step (not the states); this keeps `num_points` evenly spaced steps (the
+    first and last included; None keeps all T).
     """
-    from .layers import GatedDeltaNet
-    from .ops import chunk_gated_delta_rule
+    from .probe import capture
 
     input_ids = torch.as_tensor(input_ids)
-    input_ids = input_ids[None] if input_ids.dim() == 1 else input_ids[:1]
+    input_ids = (input_ids[None] if input_ids.dim() == 1 else input_ids[:1]).to(_model_device(model))
     T = input_ids.shape[1]
-    gdn_layers = [i for i, block in enumerate(model.model.layers) if isinstance(block.attn, GatedDeltaNet)]
-    _require(bool(gdn_layers), "the model has no Gated DeltaNet layer; its attention layers keep no recurrent state")
-    inputs: dict[int, torch.Tensor] = {}
-
-    def keep_input(index, module, args, kwargs):
-        inputs[index] = args[0] if args else kwargs["x"]
-
-    blocks = model.model.layers
-    hooks = [blocks[i].attn.register_forward_pre_hook(functools.partial(keep_input, i), with_kwargs=True)
-             for i in gdn_layers]
     was_training = model.training
     model.eval()
     try:
-        model(input_ids.to(_model_device(model)))
+        probe = capture(model, input_ids)
     finally:
-        for hook in hooks:
-            hook.remove()
         model.train(was_training)
-
-    every = max(1, math.ceil(T / num_points))
-    ends = list(range(every, T, every)) + [T]
-    norms = []
-    for i in gdn_layers:
-        features = blocks[i].attn.features(inputs.pop(i))
-        q, k, v, g, beta = (getattr(features, name).float() for name in ("q", "k", "v", "g", "beta"))
-        state, layer_norms, begin = None, [], 0
-        for end in ends:
-            _, state = chunk_gated_delta_rule(q[:, begin:end], k[:, begin:end], v[:, begin:end], g[:, begin:end],
-                                              beta[:, begin:end], initial_state=state)
-            layer_norms.append(state[0].norm(dim=(-2, -1)).cpu())  # [H]
-            begin = end
-        norms.append(torch.stack(layer_norms, dim=-1))  # [H, P]
-    return StateNorms(positions=torch.tensor(ends) - 1, norms=torch.stack(norms), layers=tuple(gdn_layers))
-
+    if num_points is None or num_points >= T:
+        steps = torch.arange(T)
+    else:
+        steps = torch.linspace(0, T - 1, max(2, num_points)).round().long().unique()
+    layers = tuple(sorted(probe.layers))
+    norms = torch.stack([probe[i].state_norm[0, steps].T for i in layers])  # [L, H, P]
+    return StateNorms(positions=steps, norms=norms, layers=layers)

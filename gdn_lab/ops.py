@@ -79,10 +79,10 @@ def recurrent_gated_delta_rule(
 
 def _to_chunks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """[B, T, H, D] -> [B, H, N, C, D] in fp32, zero-padded at the end of time to N * C steps."""
-    B, T, H, D = x.shape
+    T = x.shape[1]
     num_chunks = -(-T // chunk_size)
-    x = F.pad(x.float().transpose(1, 2), (0, 0, 0, num_chunks * chunk_size - T))
-    return x.reshape(B, H, num_chunks, chunk_size, D)
+    x = F.pad(x.float(), (0, 0, 0, 0, 0, num_chunks * chunk_size - T))
+    return x.unflatten(1, (num_chunks, chunk_size)).permute(0, 3, 1, 2, 4).contiguous()
 
 
 def chunk_gated_delta_rule(
@@ -115,14 +115,13 @@ def chunk_gated_delta_rule(
     UT transform. With T = (I + A)^{-1} (one triangular solve, independent of S, so done for
     every chunk at once):
         U = U_v - W S,    U_v = T diag(beta) V,    W = T diag(beta exp(gamma)) K.
-    Chunk state update and output, with the keys decayed to the chunk's end
-    k~_s = exp(gamma_C - gamma_s) k_s, D_rs = exp(gamma_r - gamma_s) for s <= r (0 above the
-    diagonal) and P = Q K^T * D:
-        S_next = exp(gamma_C) S + K~^T U       = (exp(gamma_C) I - K~^T W) S + K~^T U_v,
-        O      = diag(exp(gamma)) Q S + P U    = (diag(exp(gamma)) Q - P W) S + P U_v.
-    Only the state update runs chunk after chunk (one [K, K] @ [K, V] product each); everything
-    else is batched over chunks. Every exponent is a sum g_{s+1} + ... + g_r <= 0 (s <= r),
-    summed directly rather than as gamma_r - gamma_s, so it neither overflows nor cancels.
+    Chunk state update (with k~_s = exp(gamma_C - gamma_s) k_s, the keys decayed to the chunk's
+    end) and output (with D_rs = exp(gamma_r - gamma_s) for s <= r, 0 above the diagonal):
+        S_next = exp(gamma_C) S + K~^T U,
+        O = diag(exp(gamma)) Q S + (Q K^T * D) U.
+    Only U and S_next run chunk after chunk (two [C, K] x [K, V]-sized products per chunk);
+    the rest is batched over all chunks. Every exponent is a sum g_{s+1} + ... + g_r <= 0
+    (s <= r), summed directly rather than as gamma_r - gamma_s: it neither overflows nor cancels.
     """
     _check_inputs(q, k, v, g, beta, initial_state)
     B, T, H, K = q.shape
@@ -149,17 +148,17 @@ def chunk_gated_delta_rule(
     W = T_ut @ ((beta * decay_in)[..., None] * k)                          # [B, H, N, C, K]
 
     k_out = (k * decay_out[..., None]).transpose(-1, -2)                   # K~^T [B, H, N, K, C]
-    transition = decay_in[..., -1, None, None] * torch.eye(K, device=q.device) - k_out @ W  # [B, H, N, K, K]
-    injection = k_out @ U_v                                                 # [B, H, N, K, V]
     S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.float()
-    chunk_starts = []
+    chunk_starts, pseudo_values = [], []
     for n in range(q.shape[2]):
+        U = U_v[:, :, n] - W[:, :, n] @ S
         chunk_starts.append(S)
-        S = transition[:, :, n] @ S + injection[:, :, n]
-    S_start = torch.stack(chunk_starts, dim=2)                              # [B, H, N, K, V]
+        pseudo_values.append(U)
+        S = decay_in[:, :, n, -1, None, None] * S + k_out[:, :, n] @ U
+    S_start, U = torch.stack(chunk_starts, dim=2), torch.stack(pseudo_values, dim=2)  # [B, H, N, K | C, V]
 
     P = (q @ k.transpose(-1, -2)) * decay
-    o = (q * decay_in[..., None] - P @ W) @ S_start + P @ U_v              # [B, H, N, C, V]
+    o = (q * decay_in[..., None]) @ S_start + P @ U                         # [B, H, N, C, V]
     o = o.reshape(B, H, -1, V)[:, :, :T].transpose(1, 2)
     return o.to(dtype).contiguous(), S
 

@@ -23,6 +23,7 @@ import hashlib
 import inspect
 import os
 import pathlib
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -346,9 +347,11 @@ def train_on_task(name: str, config: ModelConfig, data: TaskData, train_config: 
 
 
 def run_name(name: str, data: TaskData, config: ModelConfig) -> str:
-    """A folder name for one run: 'GDN_mqar_T128_num_kv_pairs8_H2_K32'."""
+    """A folder name for one run: 'GDN_mqar_T128_num_kv_pairs8_H2_K32' (characters other than
+    letters, digits, '.' and '-' in `name` become '-')."""
     settings = "".join(f"_{key}{value}" for key, value in data.task_kwargs.items())
-    return f"{name}_{data.task}_T{data.seq_len}{settings}_H{config.num_heads}_K{config.head_dim}"
+    folder = re.sub(r"[^A-Za-z0-9.-]+", "-", name).strip("-")
+    return f"{folder}_{data.task}_T{data.seq_len}{settings}_H{config.num_heads}_K{config.head_dim}"
 
 
 def sweep(points: Iterable[tuple[str, ModelConfig, TaskData]], train_config: TrainConfig,
@@ -378,6 +381,13 @@ def longest_solved(curve: Sequence[dict], threshold: float = 0.9, x: str = "leng
             break
         solved = point[x]
     return solved
+
+
+def find_record(records: Sequence[dict], **match) -> dict:
+    """The one record whose fields equal `match`, e.g. `find_record(records, model="GDN", seq_len=512)`."""
+    found = [r for r in records if all(r.get(key) == value for key, value in match.items())]
+    _require(len(found) == 1, f"{len(found)} records match {match}; add fields until one does")
+    return found[0]
 
 
 def series(records: Sequence[dict], x: str, y: str = "accuracy", by: str = "model") -> dict[str, tuple[list, list]]:

@@ -239,7 +239,7 @@ def test_state_norm_over_context_matches_the_layers_own_state():
     ids = torch.randint(64, (1, 50), generator=torch.Generator().manual_seed(1))
     result = longctx.state_norm_over_context(model, ids, num_points=6)
     assert result.layers == (0, 2)
-    assert result.positions.tolist() == [8, 17, 26, 35, 44, 49]
+    assert result.positions.tolist() == [0, 10, 20, 29, 39, 49]
     assert result.norms.shape == (2, 2, 6)
 
     layer_inputs = {}
@@ -265,3 +265,33 @@ def test_state_norm_over_context_matches_the_layers_own_state():
     transformer = build_model(ModelConfig(**TINY, attn_layers="transformer"))
     with pytest.raises(ConfigError, match="no Gated DeltaNet layer"):
         longctx.state_norm_over_context(transformer, ids)
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@gpu
+def test_scan_lengths_measures_cuda_memory():
+    configs = {"gdn": ModelConfig(**{**TINY, "backend": "auto"}),
+               "transformer": ModelConfig(**TINY, attn_layers="transformer")}
+    records = longctx.scan_lengths(configs, [256, 1024], device="cuda", dtype=torch.bfloat16, warmup=1, repeats=2)
+    assert all(r["status"] == "ok" for r in records)
+    for r in records:
+        assert r["train_peak_mib"] > r["weights_mib"] > 0 and r["train_ms"] > 0
+    gdn_short, gdn_long = records[0], records[1]
+    assert gdn_long["train_peak_mib"] - gdn_long["weights_mib"] > gdn_short["train_peak_mib"] - gdn_short["weights_mib"]
+
+
+@pytest.mark.gpu
+@gpu
+def test_state_norm_over_context_same_on_both_backends():
+    from gdn_lab.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**{**TINY, "backend": "fla"}), device="cuda")
+    ids = torch.randint(64, (1, 2048), generator=torch.Generator().manual_seed(1))
+    with_fla = longctx.state_norm_over_context(model, ids, num_points=64)
+    model.set_backend("torch")
+    with_torch = longctx.state_norm_over_context(model, ids, num_points=64)
+    torch.testing.assert_close(with_fla.norms, with_torch.norms, rtol=1e-4, atol=1e-5)

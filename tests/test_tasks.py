@@ -224,3 +224,25 @@ def test_longest_solved_and_series():
     records = [{"model": "GDN", "T": 64, "accuracy": 0.5}, {"model": "GDN", "T": 32, "accuracy": 0.9},
                {"model": "Transformer", "T": 32, "accuracy": 1.0}]
     assert tasks.series(records, x="T") == {"GDN": ([32, 64], [0.9, 0.5]), "Transformer": ([32], [1.0])}
+
+
+def test_render_marks_wrong_predictions():
+    batch = copy_task(1, seq_len=12, vocab_size=10, max_length=5, seed=0)
+    predictions = batch.targets.clone()
+    predictions[0, 6] = 3
+    assert tasks.render(batch, predictions=predictions).splitlines() == [
+        "inputs   9 7 2 5 5 | 9 7 2 5 5",
+        "answers            9 7 2 5 5",
+        "model              9 3 2 5 5",
+        "wrong                ^",
+    ]
+
+
+def test_find_record_and_run_name():
+    records = [{"model": "GDN", "seq_len": 64, "accuracy": 0.5}, {"model": "GDN", "seq_len": 128, "accuracy": 0.25}]
+    assert tasks.find_record(records, model="GDN", seq_len=128)["accuracy"] == 0.25
+    with pytest.raises(ConfigError, match="2 records match"):
+        tasks.find_record(records, model="GDN")
+    data = TaskData("mqar", vocab_size=64, seq_len=32, num_kv_pairs=4)
+    assert tasks.run_name("GDN, head_dim varied", data, ModelConfig(num_heads=2, head_dim=8)) == \
+        "GDN-head-dim-varied_mqar_T32_num_kv_pairs4_H2_K8"
