@@ -23,6 +23,7 @@ recorded, not raised) and `state_norm_over_context` (||S_t|| of every GDN head a
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import random
@@ -182,9 +183,20 @@ def answer_batch(examples: Sequence[PasskeyExample], pad_id: int = 0) -> Batch:
     return Batch(inputs=tokens[:, :-1], targets=tokens[:, 1:], mask=mask[:, 1:])
 
 
-def _model_device(model) -> torch.device:
-    parameter = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+def _model_device(model: torch.nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
     return parameter.device if parameter is not None else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _evaluating(model: torch.nn.Module):
+    """The model in eval mode for the block, back to its own mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -200,19 +212,15 @@ def score_passkey(model, examples: Sequence[PasskeyExample], batch_size: int = 8
     `model(inputs [B, T]) -> logits [B, T, vocab]` (a gdn_lab CausalLM or anything alike).
     """
     device = _model_device(model)
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
     exact = right = answers = 0
-    for start in range(0, len(examples), batch_size):
-        batch = answer_batch(examples[start: start + batch_size])
-        with _autocast(device, dtype):
-            logits = model(batch.inputs.to(device))
-        exact += int(exact_match(logits, batch).sum())
-        right += int(answer_correct(logits, batch).sum())
-        answers += int(batch.mask.sum())
-    if hasattr(model, "train"):
-        model.train(was_training)
+    with _evaluating(model):
+        for start in range(0, len(examples), batch_size):
+            batch = answer_batch(examples[start: start + batch_size])
+            with _autocast(device, dtype):
+                logits = model(batch.inputs.to(device))
+            exact += int(exact_match(logits, batch).sum())
+            right += int(answer_correct(logits, batch).sum())
+            answers += int(batch.mask.sum())
     return {"accuracy": exact / len(examples), "digit_accuracy": right / answers}
 
 
@@ -331,19 +339,15 @@ def loss_by_position(model, tokens: torch.Tensor, seq_len: int, batch_size: int 
                              f"pass more held-out text or a shorter seq_len")
     num_windows = available if num_windows is None else min(num_windows, available)
     device = _model_device(model)
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
     total = torch.zeros(seq_len, dtype=torch.float64)
-    for start in range(0, num_windows, batch_size):
-        windows = torch.stack([tokens[w * seq_len: w * seq_len + seq_len + 1]
-                               for w in range(start, min(start + batch_size, num_windows))]).to(device)
-        with _autocast(device, dtype):
-            logits = model(windows[:, :-1])
-        losses = F.cross_entropy(logits.float().transpose(1, 2), windows[:, 1:], reduction="none")  # [B, T]
-        total += losses.sum(0).double().cpu()
-    if hasattr(model, "train"):
-        model.train(was_training)
+    with _evaluating(model):
+        for start in range(0, num_windows, batch_size):
+            windows = torch.stack([tokens[w * seq_len: w * seq_len + seq_len + 1]
+                                   for w in range(start, min(start + batch_size, num_windows))]).to(device)
+            with _autocast(device, dtype):
+                logits = model(windows[:, :-1])
+            losses = F.cross_entropy(logits.float().transpose(1, 2), windows[:, 1:], reduction="none")  # [B, T]
+            total += losses.sum(0).double().cpu()
     return (total / num_windows).float()
 
 
@@ -524,12 +528,8 @@ def state_norm_over_context(model, input_ids: torch.Tensor, num_points: int | No
     input_ids = torch.as_tensor(input_ids)
     input_ids = (input_ids[None] if input_ids.dim() == 1 else input_ids[:1]).to(_model_device(model))
     T = input_ids.shape[1]
-    was_training = model.training
-    model.eval()
-    try:
+    with _evaluating(model):
         probe = capture(model, input_ids)
-    finally:
-        model.train(was_training)
     if num_points is None or num_points >= T:
         steps = torch.arange(T)
     else:

@@ -81,7 +81,9 @@ def _to_chunks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """[B, T, H, D] -> [B, H, N, C, D] in fp32, zero-padded at the end of time to N * C steps."""
     T = x.shape[1]
     num_chunks = -(-T // chunk_size)
-    x = F.pad(x.float(), (0, 0, 0, 0, 0, num_chunks * chunk_size - T))
+    x = x.float()
+    if num_chunks * chunk_size > T:
+        x = F.pad(x, (0, 0, 0, 0, 0, num_chunks * chunk_size - T))
     return x.unflatten(1, (num_chunks, chunk_size)).permute(0, 3, 1, 2, 4).contiguous()
 
 
@@ -112,9 +114,9 @@ def chunk_gated_delta_rule(
     unit lower-triangular system for U = [u_1; ...; u_C]:
         (I + A) U = diag(beta) V - diag(beta exp(gamma)) K S,
         A_rs = beta_r exp(gamma_r - gamma_s) k_r . k_s  for s < r, else 0.
-    UT transform. With T = (I + A)^{-1} (one triangular solve, independent of S, so done for
+    UT transform. With T_ut = (I + A)^{-1} (one triangular solve, independent of S, so done for
     every chunk at once):
-        U = U_v - W S,    U_v = T diag(beta) V,    W = T diag(beta exp(gamma)) K.
+        U = U_v - W S,    U_v = T_ut diag(beta) V,    W = T_ut diag(beta exp(gamma)) K.
     Chunk state update (with k~_s = exp(gamma_C - gamma_s) k_s, the keys decayed to the chunk's
     end) and output (with D_rs = exp(gamma_r - gamma_s) for s <= r, 0 above the diagonal):
         S_next = exp(gamma_C) S + K~^T U,
@@ -150,11 +152,13 @@ def chunk_gated_delta_rule(
     k_out = (k * decay_out[..., None]).transpose(-1, -2)                   # K~^T [B, H, N, K, C]
     S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.float()
     chunk_starts, pseudo_values = [], []
-    for n in range(q.shape[2]):
-        U = U_v[:, :, n] - W[:, :, n] @ S
+    # unbind, not U_v[:, :, n]: the backward of one unbind is one stack, not N zero-filled full-size grads
+    per_chunk = (x.unbind(2) for x in (U_v, W, k_out, decay_in[..., -1, None, None]))
+    for U_v_n, W_n, k_out_n, decay_end_n in zip(*per_chunk):
+        U = U_v_n - W_n @ S
         chunk_starts.append(S)
         pseudo_values.append(U)
-        S = decay_in[:, :, n, -1, None, None] * S + k_out[:, :, n] @ U
+        S = decay_end_n * S + k_out_n @ U
     S_start, U = torch.stack(chunk_starts, dim=2), torch.stack(pseudo_values, dim=2)  # [B, H, N, K | C, V]
 
     P = (q @ k.transpose(-1, -2)) * decay

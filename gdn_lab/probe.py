@@ -200,11 +200,11 @@ def _tolerance(layer, x: torch.Tensor) -> float:
     return FP32_TOLERANCE if fp32_torch else FLA_TOLERANCE
 
 
-def _check_output(what: str, recomputed: torch.Tensor, real: torch.Tensor, tolerance: float, where: str) -> float:
+def _check_output(what: str, recomputed: torch.Tensor, real: torch.Tensor, tolerance: float, detail: str) -> float:
+    """The relative RMSE of `recomputed` against `real`; ProbeMismatch (one line) above `tolerance`."""
     error = relative_rmse(recomputed, real)
     if not error <= tolerance:
-        raise ProbeMismatch(f"{what}: the probe's recomputed output differs from the layer's forward "
-                            f"(relative RMSE {error:.2e} > tolerance {tolerance:.0e}; {where})")
+        raise ProbeMismatch(f"{what} (relative RMSE {error:.2e} > tolerance {tolerance:.0e}; {detail})")
     return error
 
 
@@ -247,7 +247,8 @@ def capture(model, input_ids: torch.Tensor, layers: Sequence[int] | None = None,
         o, norms, states = recurrence_with_states(q, k, v, g, beta, steps)
         recomputed = layer.finish(o.to(x.dtype), x)
         layer_tolerance = _tolerance(layer, x) if tolerance is None else tolerance
-        error = _check_output(f"GDN layer {i}", recomputed, real, layer_tolerance,
+        error = _check_output(f"GDN layer {i}: the probe's recomputed output differs from the layer's forward",
+                              recomputed, real, layer_tolerance,
                               f"backend {layer.kernel_backend(x.device)}, {str(x.dtype).replace('torch.', '')}")
         probes[i] = LayerProbe(
             layer=i, q=q.cpu(), k=k.cpu(), v=v.cpu(), g=g.cpu(), beta=beta.cpu(), core_output=o.cpu(),
@@ -287,12 +288,14 @@ def softmax_attention_map(model, input_ids: torch.Tensor, layer: int, head: int,
     probabilities = ((q @ k.transpose(-1, -2)) * d ** -0.5).masked_fill(~causal, float("-inf")).softmax(-1)
     recomputed = attn.o_proj((probabilities @ v).transpose(1, 2).reshape(B, T, -1).to(x.dtype))
     default = FP32_TOLERANCE if x.dtype == torch.float32 else FLA_TOLERANCE
-    _check_output(f"attention layer {layer}", recomputed, real, default if tolerance is None else tolerance,
+    _check_output(f"attention layer {layer}: the probe's recomputed output differs from the layer's forward",
+                  recomputed, real, default if tolerance is None else tolerance,
                   str(x.dtype).replace("torch.", ""))
     return probabilities[batch_index, head].cpu()
 
 
-def implicit_attention(features, head: int, batch_index: int = 0, scale: float | None = None) -> torch.Tensor:
+def implicit_attention(features, head: int, batch_index: int = 0, scale: float | None = None,
+                       check: bool = True) -> torch.Tensor:
     """The token-to-token weights A [T, T] of one GDN head: o_t = sum_i A[t, i] v_i.
 
     `features`: anything with q, k [B, T, H, K], g, beta [B, T, H] (a LayerProbe, or the
@@ -305,13 +308,16 @@ def implicit_attention(features, head: int, batch_index: int = 0, scale: float |
     gamma_t = g_1 + ... + g_t, D[t, i] = exp(gamma_t - gamma_i) for i <= t (else 0), and
     L[t, i] = beta_t D[t, i] k_t . k_i for i < t (else 0),
         A = scale (Q K^T * D) (I + L)^{-1} diag(beta).
-    Cost O(T^2 K + T^3) in fp32: ~0.1 s at T = 512. Entries can be negative (the delta rule
-    erases what a key held before writing).
+    Computed in fp64 (cumulative log-decays grow with T; the solve is a T x T system) and
+    returned in fp32; O(T^2 K + T^3): under half a second at T = 512 on one CPU core.
+    Entries can be negative (the delta rule erases what a key held before writing). With
+    `check` and a LayerProbe, A v must reproduce the head's recurrent output within
+    FP32_TOLERANCE (relative RMSE), else ProbeMismatch.
     """
-    q = features.q[batch_index, :, head].float()                                  # [T, K]
-    k = features.k[batch_index, :, head].float()
-    g = features.g[batch_index, :, head].float()                                  # [T]
-    beta = features.beta[batch_index, :, head].float()
+    q = features.q[batch_index, :, head].double()                                 # [T, K]
+    k = features.k[batch_index, :, head].double()
+    g = features.g[batch_index, :, head].double()                                 # [T]
+    beta = features.beta[batch_index, :, head].double()
     T, K = q.shape
     scale = K ** -0.5 if scale is None else scale
     gamma = g.cumsum(0)
@@ -319,7 +325,12 @@ def implicit_attention(features, head: int, batch_index: int = 0, scale: float |
     decay = (gamma[:, None] - gamma[None, :]).masked_fill(~causal, float("-inf")).exp()  # D
     L = beta[:, None] * (k @ k.T) * decay                      # the solver reads the strict lower triangle only
     weights = torch.linalg.solve_triangular(L, torch.diag(beta), upper=False, unitriangular=True)
-    return scale * ((q @ k.T) * decay) @ weights
+    A = (scale * ((q @ k.T) * decay) @ weights).float()
+    if check and isinstance(features, LayerProbe):
+        v, o = features.v[batch_index, :, head].float(), features.core_output[batch_index, :, head]
+        _check_output(f"implicit attention of layer {features.layer} head {head}: A v differs from the recurrence's "
+                      f"output", A @ v, o, FP32_TOLERANCE, f"T = {q.shape[0]}, fp32")
+    return A
 
 
 def attention_hit_rate(A: torch.Tensor, query_positions: Sequence[int], key_positions: Sequence[int]) -> float:

@@ -5,6 +5,7 @@ measured ~2e-7); states and norms vs a fresh recurrence: exact (the same ops in 
 implicit attention vs the recurrence's output and vs the explicit product of transitions: 1e-5
 relative RMSE (fp32).
 """
+import dataclasses
 import math
 
 import pytest
@@ -135,6 +136,9 @@ def test_implicit_attention_reproduces_the_output_and_the_transition_products(pr
             assert torch.equal(A.triu(1), torch.zeros(T, T))
             assert relative_rmse(A @ p.v[b, :, h], p.core_output[b, :, h]) < 1e-5
     assert relative_rmse(implicit_attention(p, 1, batch_index=1), _transition_products(p, 1, 1)) < 1e-5
+    tampered = dataclasses.replace(p, core_output=p.core_output * 1.001)
+    with pytest.raises(ProbeMismatch, match="implicit attention of layer 0 head 1: A v differs"):
+        implicit_attention(tampered, 1)
 
 
 @pytest.mark.parametrize("changes", [{"allow_neg_eigval": True}, {"use_decay": False}])

@@ -1,0 +1,252 @@
+"""gdn_lab.sweep on the CPU: rows per variant, finished runs read back, interrupted ones resumed, the seed's rules."""
+import json
+import math
+
+import pytest
+import torch
+
+from gdn_lab import sweep as sweep_module
+from gdn_lab.config import ConfigError, ModelConfig, TrainConfig
+from gdn_lab.data import lm_data
+from gdn_lab.models import build_model
+from gdn_lab.sweep import (
+    SEED_EXP10,
+    SEED_PATTERNS,
+    SweepResult,
+    VariantResult,
+    budget_train_config,
+    compare_with_seed,
+    hybrid_variants,
+    run_sweep,
+    seed_learning_rate,
+    steps_within,
+    sweep_figures,
+)
+
+BASE = ModelConfig(vocab_size=256, hidden_size=32, num_layers=2, num_heads=2, head_dim=8, attn_num_heads=2,
+                   backend="torch")
+CONFIG = TrainConfig(steps=6, batch_size=4, seq_len=32, warmup_steps=1, eval_every=3, eval_batches=2, save_every=3)
+SEED_12 = ModelConfig(num_layers=12, hidden_size=64, num_heads=2, head_dim=16, attn_num_heads=2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Bit-exact resume needs a fixed thread count; one thread is also the fastest on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return lm_data("pydoc", "byte", seq_len=32, max_chars=60_000)
+
+
+@pytest.fixture(scope="module")
+def variants():
+    return hybrid_variants(BASE, ["gdn", "late"])  # late at 2 layers: attention in layer 1
+
+
+@pytest.fixture(scope="module")
+def reference(data, variants, tmp_path_factory):
+    """An uninterrupted sweep of the two tiny variants."""
+    sweep_dir = tmp_path_factory.mktemp("reference")
+    return run_sweep(variants, CONFIG, data, sweep_dir, progress=False), sweep_dir
+
+
+class InterruptOnce:
+    """A batch source that raises KeyboardInterrupt (as Ctrl-C would) the `nth` time it is asked for `step`."""
+
+    def __init__(self, data, step: int, nth: int):
+        self.data, self.step, self.remaining = data, step, nth
+
+    def train_batch(self, step, *args):
+        if step == self.step:
+            self.remaining -= 1
+            if self.remaining == 0:
+                raise KeyboardInterrupt
+        return self.data.train_batch(step, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.data, name)
+
+
+def test_two_variants_give_one_row_each(reference, variants):
+    result, sweep_dir = reference
+    assert result.names == ["gdn", "late"]
+    tokens = CONFIG.steps * CONFIG.batch_size * CONFIG.seq_len
+    for row in result.variants:
+        assert row.status == "ok" and not row.reused
+        assert math.isfinite(row.final_val_loss) and row.best_val_loss <= row.final_val_loss
+        # an untrained byte model scores ln 256 = 5.55; six steps must already have moved it down
+        assert row.final_val_loss < math.log(256) - 0.05, row.final_val_loss
+        assert row.tokens == tokens, "every variant gets the same token budget"
+        assert row.tokens_per_second > 0 and row.wall_seconds > 0 and row.peak_memory_mib is None
+        assert row.params == build_model(variants[row.name]).num_params()
+        assert [r["step"] for r in row.curve] == [3, 6]
+        assert row.curve[-1]["val_loss"] == row.final_val_loss
+        assert (sweep_dir / row.name / "metrics.json").exists()
+    assert result["gdn"].layout == "GG" and result["late"].layout == "GA"
+    assert result["gdn"].attention_ratio == 0 and result["late"].attention_ratio == 0.5
+    assert (result["gdn"].lr, result["late"].lr) == (1e-3, 2e-3)
+    assert sorted(result.ranking()) == ["gdn", "late"]
+    assert [line.split()[1] for line in result.table().splitlines()[1:]] == ["gdn", "late"]
+
+
+def test_result_round_trips_through_json(reference, tmp_path):
+    result, sweep_dir = reference
+    written = SweepResult.from_json(sweep_dir / "sweep.json")  # rewritten after every variant
+    assert written == result
+    assert json.loads(json.dumps(written.to_dict())) == json.loads(json.dumps(result.to_dict()))
+    path = result.to_json(tmp_path / "hybrids.json")
+    payload = json.loads(path.read_text())
+    assert {"environment", "config", "seed", "results"} <= set(payload)
+    assert SweepResult.from_json(path).ranking() == result.ranking()
+    with pytest.raises(ConfigError, match="no sweep result"):
+        SweepResult.from_json(tmp_path / "missing.json")
+
+
+def test_second_call_reads_finished_runs_back(reference, variants, data, monkeypatch):
+    result, sweep_dir = reference
+    checkpoints = {path: path.stat().st_mtime_ns for path in sweep_dir.glob("*/checkpoints/*.pt")}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished variant was trained again")
+
+    monkeypatch.setattr(sweep_module, "train", no_training)
+    again = run_sweep(variants, CONFIG, data, sweep_dir, progress=False)
+    assert all(row.reused for row in again.variants)
+    for old, new in zip(result.variants, again.variants):
+        assert (new.final_val_loss, new.tokens, new.curve) == (old.final_val_loss, old.tokens, old.curve)
+        assert new.wall_seconds == old.wall_seconds
+    assert {path: path.stat().st_mtime_ns for path in sweep_dir.glob("*/checkpoints/*.pt")} == checkpoints
+
+
+def test_interrupted_variant_resumes_and_matches(reference, variants, data, tmp_path):
+    result, _ = reference
+    # the first variant asks for step 4 once and finishes; the second is stopped there (checkpoint step_4.pt)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(variants, CONFIG, InterruptOnce(data, step=4, nth=2), tmp_path, progress=False)
+    assert (tmp_path / "gdn" / "metrics.json").exists() and not (tmp_path / "late" / "metrics.json").exists()
+    assert (tmp_path / "late" / "checkpoints" / "step_4.pt").exists()
+    resumed = run_sweep(variants, CONFIG, data, tmp_path, progress=False)
+    assert [row.reused for row in resumed.variants] == [True, False]
+    late = resumed["late"]
+    assert late.tokens == result["late"].tokens
+    # resume is exact on the CPU with one thread (tests/test_train.py); allow float noise only
+    assert late.final_val_loss == pytest.approx(result["late"].final_val_loss, rel=1e-6, abs=0)
+    assert [r["val_loss"] for r in late.curve] == pytest.approx([r["val_loss"] for r in result["late"].curve],
+                                                                rel=1e-6, abs=0)
+
+
+def test_changed_settings_stop_before_training(reference, variants, data, monkeypatch):
+    _, sweep_dir = reference
+    monkeypatch.setattr(sweep_module, "train", lambda *a, **k: pytest.fail("trained despite a settings mismatch"))
+    with pytest.raises(ConfigError, match="steps=6, not 8") as err:
+        run_sweep(variants, CONFIG.replace(steps=8), data, sweep_dir, progress=False)
+    assert "\n" not in str(err.value) and "another sweep_dir" in str(err.value)
+    with pytest.raises(ConfigError, match="lr=0.001, not 0.003"):
+        run_sweep(variants, CONFIG, data, sweep_dir, lr_by_variant={"gdn": 3e-3, "late": 2e-3}, progress=False)
+
+
+def test_diverged_variant_is_recorded_and_not_retrained(variants, data, tmp_path, monkeypatch):
+    rates = {"gdn": 1e-3, "late": 1e6}  # lr 1e6 blows the weights up within a step or two
+    result = run_sweep(variants, CONFIG.replace(grad_clip=0.0), data, tmp_path, lr_by_variant=rates, progress=False)
+    assert result["gdn"].status == "ok" and result["late"].status == "diverged"
+    assert "lower lr" in result["late"].error and result["late"].final_val_loss is None
+    assert result.ranking() == ["gdn"]
+    monkeypatch.setattr(sweep_module, "train", lambda *a, **k: pytest.fail("a diverged variant was trained again"))
+    again = run_sweep(variants, CONFIG.replace(grad_clip=0.0), data, tmp_path, lr_by_variant=rates, progress=False)
+    assert again["late"].status == "diverged" and again["late"].reused
+
+
+def test_seed_learning_rate_rule(variants):
+    seed = hybrid_variants(SEED_12)
+    assert {name: seed_learning_rate(config) for name, config in seed.items()} == {
+        "gdn": 1e-3, "transformer": 2e-3, "sparse": 2e-3, "alternating": 2e-3, "late": 2e-3,
+        "ratio8": 2e-3, "ratio25": 2e-3, "ratio42": 2e-3}
+    assert seed_learning_rate(seed["gdn"], gdn_lr=5e-4) == 5e-4
+    assert seed_learning_rate(seed["sparse"], attention_lr=1e-3) == 1e-3
+    with pytest.raises(ConfigError, match=r"no learning rate for \['late'\]"):
+        run_sweep(variants, CONFIG, None, "unused", lr_by_variant={"gdn": 1e-3})
+    with pytest.raises(ConfigError, match="folder names"):
+        run_sweep({"a/b": BASE}, CONFIG, None, "unused")
+
+
+def test_seed_patterns_give_the_seed_layers_at_12_layers():
+    seed = hybrid_variants(SEED_12)
+    assert list(seed) == ["gdn", "transformer", "sparse", "alternating", "late", "ratio8", "ratio25", "ratio42"]
+    layers = {name: config.attn_layers for name, config in seed.items()}
+    assert layers["gdn"] == () and layers["transformer"] == tuple(range(12))
+    assert layers["sparse"] == (5, 11)
+    assert layers["late"] == (8, 9, 10, 11)
+    assert layers["alternating"] == (1, 3, 5, 7, 9, 11)
+    # k/12 ratios: 1, 3, 5 attention layers, evenly spaced, the last one at the top
+    assert layers["ratio8"] == (11,)
+    assert layers["ratio25"] == (3, 7, 11)
+    assert layers["ratio42"] == (1, 4, 6, 9, 11)
+    assert [round(100 * seed[name].attention_ratio) for name in seed] == [0, 100, 17, 50, 33, 8, 25, 42]
+    assert {name: c.attn_layers for name, c in hybrid_variants(SEED_12, ["1/12", "3/12", "5/12"]).items()} == {
+        "1of12": layers["ratio8"], "3of12": layers["ratio25"], "5of12": layers["ratio42"]}
+    assert hybrid_variants(SEED_12, {"mine": (0, 6)})["mine"].attn_layers == (0, 6)
+    assert len(SEED_PATTERNS) == 8
+
+
+def _row(name: str, loss: float | None, status: str = "ok") -> VariantResult:
+    return VariantResult(name=name, attn_layers=(), layout="GG", attention_ratio=0.0, lr=1e-3, params=1,
+                         status=status, final_val_loss=loss)
+
+
+def test_compare_with_seed_orders_and_pairs():
+    agreeing = SweepResult([_row("transformer", 3.0), _row("gdn", 2.5), _row("sparse", 2.0)], {})
+    same = compare_with_seed(agreeing)
+    assert same["seed_order"] == ["sparse", "gdn", "transformer"] == same["run_order"]
+    assert same["same_order"] and same["agreeing_pairs"] == 3 and same["missing"] == []
+    assert same["pairs"][0] == {"better": "sparse", "worse": "gdn", "seed_gap": pytest.approx(0.341),
+                                "run_gap": pytest.approx(0.5), "agrees": True}
+    flipped = compare_with_seed(SweepResult([_row("gdn", 2.0), _row("sparse", 2.1), _row("transformer", 3.0),
+                                             _row("late", 1.0)], {}))
+    assert flipped["run_order"] == ["gdn", "sparse", "transformer"] and not flipped["same_order"]
+    assert [p["agrees"] for p in flipped["pairs"]] == [False, True, True] and flipped["agreeing_pairs"] == 2
+    partial = compare_with_seed(SweepResult([_row("gdn", 2.0), _row("transformer", None, "diverged")], {}))
+    assert partial["seed_order"] == ["gdn"] and partial["pairs"] == []
+    assert partial["missing"] == ["sparse", "transformer"]
+    assert SEED_EXP10["tokens"] == SEED_EXP10["seq_len"] * SEED_EXP10["batch_size"] * SEED_EXP10["steps"]
+
+
+def test_figures_have_a_trace_per_variant(reference):
+    result, _ = reference
+    figures = sweep_figures(result)
+    assert len(figures["val_loss"].data) == 2
+    assert [list(t.y) for t in figures["val_loss"].data] == [[r["val_loss"] for r in result[n].curve]
+                                                              for n in result.ranking()]
+    scatter, grid = figures["placement"].data
+    assert list(scatter.y) == [result[n].final_val_loss for n in result.ranking()]
+    assert [list(row) for row in grid.z] == [[0.0, 1.0 if result[n].layout == "GA" else 0.0]
+                                             for n in result.ranking()]
+    assert len(figures["throughput"].data) == 2
+
+
+def test_steps_within_budget_arithmetic():
+    # two variants at 0.1 and 0.3 s/step, 1 s per run and per evaluation: 100 s, 4 evaluations
+    # leave 100 - 5 * 2 = 90 s for 0.4 s of steps -> 225 steps
+    assert steps_within(100.0, [0.1, 0.3], [1.0, 1.0], evaluations=4) == 225
+    assert steps_within(5.0, [0.1, 0.3], [1.0, 1.0], evaluations=4) == 0
+
+
+def test_budget_scales_steps_and_is_kept_for_resume(variants, data, tmp_path, monkeypatch):
+    config = CONFIG.replace(steps=100_000, warmup_steps=1000, eval_every=20_000, save_every=0)
+    plan = budget_train_config(variants, config, data, max_seconds=60.0, sweep_dir=tmp_path, min_steps=5)
+    planned = plan.train_config
+    assert 5 <= planned.steps < 100_000, planned.steps
+    assert plan.calibration_seconds < 60.0 and set(plan.step_seconds) == {"gdn", "late"}
+    assert plan.calibration_seconds + plan.estimated_seconds <= 60.0 + 1e-6
+    assert planned.eval_every == max(1, round(20_000 * planned.steps / 100_000))
+    assert planned.warmup_steps < planned.steps and planned.save_every == 0
+    assert (planned.batch_size, planned.seq_len) == (config.batch_size, config.seq_len)
+    monkeypatch.setattr(sweep_module, "train", lambda *a, **k: pytest.fail("calibrated again"))
+    assert budget_train_config(variants, config, data, 60.0, sweep_dir=tmp_path, min_steps=5) == plan
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match="raise max_seconds"):
+        budget_train_config(variants, config, data, max_seconds=0.5, min_steps=5)
