@@ -15,8 +15,8 @@ the figure is what a user waits per token: kernel time plus Python and launch ov
 Models: 768d x 12 layers, 12 heads x 64 (GDN value dim 128: FLA's quick-reference "small"),
 vocab 32000, bf16 on Ampere+ GPUs. Also: peak memory per cell, and the largest batch whose
 cache at 32k context plus one decode step fits in the GPU's memory, for GDN and the
-transformer (bisection over batch sizes with out-of-memory probes; the cache is allocated and
-filled to the context length as a prefill would leave it, without running the prefill).
+transformer (bisection over batch sizes with out-of-memory probes; each probe allocates the
+caches, marks `context` KV slots filled, as a prefill would leave them, and runs one step).
 A cell that runs out of memory is recorded as 'oom'.
 
     python benchmarks/decode.py --out benchmarks/results/decode_h100.json     # GPU, a few minutes

@@ -9,9 +9,12 @@ gradient the script reports the relative RMSE, rms(x - ref) / rms(ref), against 
 tolerances: 5e-3 for outputs, 8e-3 for dq/dk/dv-level gradients (x, projections, convs, norm),
 2e-2 for the dbeta/dg-level ones (b_proj -> beta; a_proj, A_log, dt_bias -> g).
 
-bf16 runs are judged twice: against the fp32 reference (what the numbers cost in bf16, reported)
-and against gdn_lab's torch backend in bf16 on the same bf16 weights (kernel parity, pass/fail):
-casting the weights to bf16 alone moves the output by more than FLA's 5e-3.
+FLA's tolerances are for the kernel on the same bf16 inputs; a whole layer in bf16 (six bf16
+matmuls) misses the fp32 reference by about 1e-2 whichever implementation runs it, FLA's own
+included (H100, T=2048: output 1.0e-2 for gdn_lab's torch backend, its fla backend and FLA's
+layer alike). So bf16 runs are judged (a) against the fp32 reference with the budget
+max(FLA's tolerance, 1.25 x FLA's own layer's bf16 error), and (b) gdn_lab's fla backend against
+FLA's layer, both bf16, at FLA's tolerances. Where FLA's layer cannot run, bf16 is reported only.
 
 On CUDA it also times a training step (forward + backward, bf16) of the layer for each
 implementation, and of a 12-layer LM: gdn_lab's CausalLM on the fla backend vs FLA's
@@ -43,6 +46,7 @@ from gdn_lab.results import save_results  # noqa: E402
 
 OUTPUT_TOL, QKV_TOL, GATE_TOL = 5e-3, 8e-3, 2e-2
 GATE_PARAMETERS = ("b_proj.weight", "a_proj.weight", "A_log", "dt_bias")  # gradients through beta and g
+BF16_SLACK = 1.25  # a bf16 layer may miss the fp32 reference by up to 1.25x what FLA's own layer does
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 FULL_SHAPE = dict(hidden_size=768, num_heads=12, head_dim=64, expand_v=2.0, seq_len=2048, batch_size=2)
 SMOKE_SHAPE = dict(hidden_size=64, num_heads=2, head_dim=16, expand_v=2.0, seq_len=100, batch_size=2)
@@ -106,27 +110,34 @@ def forward_backward(module: torch.nn.Module, forward, x: torch.Tensor, dy: torc
     return result
 
 
-def judge(candidate: dict, reference: dict) -> dict:
+def compare(name: str, dtype: str, candidate: dict, vs: str, reference: dict, judged: bool,
+            tolerances: dict[str, float] | None = None) -> dict:
+    """Relative RMSE of every quantity against `reference`, with its tolerance (FLA's by default)."""
     quantities = {}
-    for name, ref in reference.items():
-        error = relative_rmse(candidate[name], ref)
-        quantities[name] = {"rel_rmse": error, "tolerance": tolerance(name), "pass": error <= tolerance(name)}
-    return {"quantities": quantities, "pass": all(q["pass"] for q in quantities.values())}
+    for quantity, ref in reference.items():
+        error, tol = relative_rmse(candidate[quantity], ref), (tolerances or {}).get(quantity, tolerance(quantity))
+        quantities[quantity] = {"rel_rmse": error, "tolerance": tol, "pass": error <= tol}
+    return {"implementation": name, "dtype": dtype, "vs": vs, "judged": judged, "quantities": quantities,
+            "pass": all(q["pass"] for q in quantities.values())}
 
 
-def time_ms(step, iters: int, warmup: int = 3) -> float:
-    """Median CUDA time of `step()` in milliseconds."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def time_ms(steps: dict, iters: int, warmup: int = 3, rounds: int = 3) -> dict[str, float]:
+    """Median CUDA time (ms) of each `steps[name]()`, measured in alternating rounds of `iters`
+    calls, so clock and allocator drift fall on every implementation alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            for _ in range(iters):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                step()
+                end.record()
+                torch.cuda.synchronize()
+                times[name].append(start.elapsed_time(end))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def layer_timings(runnable: dict, x: torch.Tensor, dy: torch.Tensor, iters: int) -> dict[str, float]:
@@ -137,8 +148,8 @@ def layer_timings(runnable: dict, x: torch.Tensor, dy: torch.Tensor, iters: int)
         module = copy.deepcopy(module).to(torch.bfloat16)
         return lambda: forward(module, xb).backward(dyb)
 
-    return {name: time_ms(train_step(module, forward), iters)
-            for name, (module, forward) in runnable.items() if name != "gdn_lab-torch-recurrent"}
+    return time_ms({name: train_step(module, forward) for name, (module, forward) in runnable.items()
+                    if name != "gdn_lab-torch-recurrent"}, iters)
 
 
 def model_timings(shape: dict, device: torch.device, iters: int, num_layers: int = 12,
@@ -166,7 +177,28 @@ def model_timings(shape: dict, device: torch.device, iters: int, num_layers: int
             loss = theirs(input_ids=ids, labels=ids).loss
         loss.backward()
 
-    return {"gdn_lab-fla": time_ms(ours_step, iters), "fla-model": time_ms(theirs_step, iters)}
+    return time_ms({"gdn_lab-fla": ours_step, "fla-model": theirs_step}, iters)
+
+
+def judged_comparisons(outputs: dict) -> list[dict]:
+    """fp32 runs vs the fp32 reference at FLA's tolerances. bf16 runs vs the fp32 reference at
+    max(FLA's tolerance, BF16_SLACK x FLA's own layer's bf16 error) (reported only where FLA's
+    layer did not run), and gdn_lab's fla backend vs FLA's layer, both bf16, at FLA's tolerances."""
+    reference = outputs[("gdn_lab-torch", "float32")]
+    fla_bf16 = outputs.get(("fla-layer", "bfloat16"))
+    budget = None if fla_bf16 is None else {
+        q: max(tolerance(q), BF16_SLACK * relative_rmse(fla_bf16[q], ref)) for q, ref in reference.items()}
+    comparisons = []
+    for (name, dtype), result in outputs.items():
+        if dtype == "float32" and name != "gdn_lab-torch":
+            comparisons.append(compare(name, dtype, result, "gdn_lab-torch float32", reference, judged=True))
+        elif dtype == "bfloat16":
+            judged = budget is not None and name != "fla-layer"  # FLA's layer sets the budget
+            comparisons.append(compare(name, dtype, result, "gdn_lab-torch float32", reference, judged, budget))
+    if fla_bf16 is not None:
+        comparisons.append(compare("gdn_lab-fla", "bfloat16", outputs[("gdn_lab-fla", "bfloat16")],
+                                   "fla-layer bfloat16", fla_bf16, judged=True))
+    return comparisons
 
 
 def run(device: torch.device, shape: dict, seed: int, timing_iters: int) -> dict:
@@ -183,26 +215,11 @@ def run(device: torch.device, shape: dict, seed: int, timing_iters: int) -> dict
     outputs = {(name, dtype_name): forward_backward(module, forward, x, dy, dtype)
                for name, (module, forward) in runnable.items() for dtype_name, dtype in DTYPES.items()
                if not (name == "gdn_lab-torch-recurrent" and dtype_name == "bfloat16")}
-    fp32_reference = outputs[("gdn_lab-torch", "float32")]
-    bf16_reference = outputs[("gdn_lab-torch", "bfloat16")]
-    comparisons = []
-    for (name, dtype_name), result in outputs.items():
-        if (name, dtype_name) == ("gdn_lab-torch", "float32"):
-            continue
-        record = {"implementation": name, "dtype": dtype_name, "vs": "gdn_lab-torch float32",
-                  **judge(result, fp32_reference)}
-        if dtype_name == "bfloat16":
-            record["judged"] = False  # bf16 rounding of the weights: reported, judged below
-            if name != "gdn_lab-torch":
-                comparisons.append({"implementation": name, "dtype": dtype_name, "vs": "gdn_lab-torch bfloat16",
-                                    "judged": True, **judge(result, bf16_reference)})
-        else:
-            record["judged"] = True
-        comparisons.append(record)
+    comparisons = judged_comparisons(outputs)
     results = {
         "shape": shape, "reference": "gdn_lab-torch float32",
         "tolerances": {"output": OUTPUT_TOL, "dq/dk/dv level": QKV_TOL, "dbeta/dg level": GATE_TOL,
-                       "dbeta/dg-level parameters": list(GATE_PARAMETERS)},
+                       "dbeta/dg-level parameters": list(GATE_PARAMETERS), "bf16 slack vs FLA": BF16_SLACK},
         "comparisons": comparisons,
         "skipped": [{"implementation": name, "reason": reason} for name, reason in skipped.items()],
         "pass": all(c["pass"] for c in comparisons if c["judged"]),
@@ -235,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny shape (hidden 64, T=100) for a CPU plumbing check")
     parser.add_argument("--seq-len", type=int, help="override T")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--timing-iters", type=int, default=20, help="0 skips the CUDA timings")
+    parser.add_argument("--timing-iters", type=int, default=10, help="calls per timing round; 0 skips the timings")
     parser.add_argument("--out", type=pathlib.Path, help="write the results JSON here")
     args = parser.parse_args(argv)
 

@@ -210,7 +210,9 @@ class CapturedDecoder:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(warmup_steps):
+                self.reset()
                 self._run_step()
+            self.reset()
         torch.cuda.current_stream(self.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
@@ -286,6 +288,8 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]] | torch.Tensor, m
     if captured:
         decoder = captured if isinstance(captured, CapturedDecoder) else CapturedDecoder(
             model, B, T + max_new_tokens)
+        if decoder.model is not model:
+            raise ConfigError("this CapturedDecoder was made for another model; make one for this model")
         if T + max_new_tokens > decoder.max_len:
             raise ConfigError(f"{T} prompt + {max_new_tokens} new tokens exceed the decoder's max_len="
                               f"{decoder.max_len}; make a CapturedDecoder with a larger max_len")

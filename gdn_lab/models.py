@@ -8,8 +8,8 @@ Hugging Face's `save_pretrained` / `from_pretrained`.
 
     >>> model = build_model("tiny", vocab_size=256)
     >>> cache = model.new_cache(batch_size=1)
-    >>> logits = model(prompt_ids, cache=cache)          # prefill; the cache is updated in place
-    >>> logits = model(next_ids, cache=cache)            # one token at a time from here
+    >>> logits = model(torch.tensor([[72, 105]]), cache=cache)  # prefill; the cache is updated in place
+    >>> logits = model(torch.tensor([[33]]), cache=cache)       # then one token at a time
 """
 from __future__ import annotations
 

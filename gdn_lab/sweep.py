@@ -370,10 +370,11 @@ def _scaled(value: int, factor: float, floor: int) -> int:
 
 
 def budget_train_config(variants: Mapping[str, ModelConfig], train_config: TrainConfig, data, max_seconds: float,
-                        sweep_dir: str | os.PathLike | None = None, min_steps: int = 20,
-                        timed_steps: int = 10) -> BudgetPlan:
+                        sweep_dir: str | os.PathLike | None = None, min_steps: int = 20, timed_steps: int = 10,
+                        spent_seconds: float = 0.0) -> BudgetPlan:
     """`train_config` with fewer steps (never more) so that the whole sweep, this calibration
-    included, takes about `max_seconds`; every variant keeps the same token budget.
+    included, takes about `max_seconds` less `spent_seconds` (time a caller already used, such as
+    loading the data); every variant keeps the same token budget.
 
     The calibration trains a pure GDN and a pure transformer twin of the first variant for 2 +
     `timed_steps` steps each (the attention-free one alone when no variant has attention).
@@ -402,14 +403,14 @@ def budget_train_config(variants: Mapping[str, ModelConfig], train_config: Train
     overhead = {name: gdn_overhead + c.attention_ratio * (attn_overhead - gdn_overhead) for name, c in variants.items()}
 
     evaluations = train_config.steps // train_config.eval_every if train_config.eval_every else 0
-    remaining = max_seconds - calibration_seconds
+    remaining = max_seconds - spent_seconds - calibration_seconds
     steps = min(train_config.steps, steps_within(remaining, list(step_seconds.values()), list(overhead.values()),
                                                  evaluations))
     if steps < min_steps:
         needed = min_steps * sum(step_seconds.values()) + (evaluations + 1) * sum(overhead.values())
-        raise ConfigError(f"max_seconds={max_seconds:g} leaves {remaining:.0f} s after a {calibration_seconds:.0f} s "
-                          f"calibration, but {min_steps} steps of {len(variants)} variants need ~{needed:.0f} s: "
-                          f"raise max_seconds, or train fewer or smaller variants")
+        raise ConfigError(f"max_seconds={max_seconds:g} leaves {remaining:.0f} s after {spent_seconds:.0f} s spent "
+                          f"and a {calibration_seconds:.0f} s calibration, but {min_steps} steps of {len(variants)} "
+                          f"variants need ~{needed:.0f} s: raise max_seconds, or train fewer or smaller variants")
     factor = steps / train_config.steps
     planned = train_config.replace(
         steps=steps, warmup_steps=min(steps - 1, _scaled(train_config.warmup_steps, factor, 1)),

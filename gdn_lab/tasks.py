@@ -16,6 +16,12 @@ half, so a value never reads as a key.
 `TaskData` serves any of them through the batch-source protocol of `gdn_lab.data`
 (`train_batch(step, batch_size, rank, world_size)`, `val_batches(batch_size, num_batches)`),
 so the one training loop in `gdn_lab.train` trains on tasks as it trains on text.
+
+Scoring: `masked_accuracy(logits, batch)` and `exact_match(logits, batch)` on logits [B, T, V];
+`evaluate_task(model, data)` over fixed validation batches. Experiments (notebook 02):
+`contender_configs` (GDN, Transformer, DeltaNet, Hybrid at one width), `train_on_task` and
+`sweep` (build, train, score; one record per run), `accuracy_by_length` and `longest_solved`
+(how long a string a model copies), `state_norm_while_copying` (through `gdn_lab.probe`).
 """
 from __future__ import annotations
 

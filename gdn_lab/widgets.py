@@ -41,6 +41,11 @@ def _literal_or_text(text: str) -> Any:
         return text
 
 
+def _type_name(annotation) -> str:
+    """'int' for both `int` and the string annotation "int" (modules with postponed annotations)."""
+    return annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+
+
 class ConfigPanel(_Panel):
     """Widgets for the fields of a config dataclass; `.value` builds the edited config.
 
@@ -48,7 +53,7 @@ class ConfigPanel(_Panel):
     FloatText for float, Dropdown where `choices` names the options, Text for the rest (a Python
     literal such as `(1, 3)` or `None`, or a bare word such as `sparse`). The `error` line under
     the controls shows the ConfigError of the current values, or is empty when they are valid;
-any other exception while checking shows its traceback in the output area below.
+    any other exception while checking shows its traceback in the output area below.
     """
 
     def __init__(self, config, fields: Sequence[str] | None = None, choices: Mapping[str, Sequence] | None = None):
@@ -67,7 +72,7 @@ any other exception while checking shows its traceback in the output area below.
         self.controls: dict[str, Any] = {}
         self._literal_fields: set[str] = set()
         for name in fields:
-            value, kind = getattr(config, name), known[name].type
+            value, kind = getattr(config, name), _type_name(known[name].type)
             if name in choices:
                 control = ipywidgets.Dropdown(options=list(choices[name]), value=value, description=name, style=style)
             elif kind == "bool":
@@ -165,9 +170,11 @@ class ProbeExplorer(_Panel):
         elif view == "implicit attention":
             fig = viz.implicit_attention_heatmap(implicit_attention(p, head, batch_index=b), self.tokens)
             fig.add_hline(y=t, line={"color": "black", "width": 1})
+        elif view == "gates":
+            fig = viz.gate_traces(p.alpha, p.beta, self.tokens, batch_index=b)
+            fig.add_vline(x=t, row="all", col="all", line={"color": "black", "width": 1, "dash": "dot"})
         else:
-            fig = (viz.gate_traces(p.alpha, p.beta, self.tokens, batch_index=b) if view == "gates"
-                   else viz.state_norm(p.state_norm, self.tokens, batch_index=b))
+            fig = viz.state_norm(p.state_norm, self.tokens, batch_index=b)
             fig.add_vline(x=t, line={"color": "black", "width": 1, "dash": "dot"})
         fig.update_layout(title=f"layer {p.layer}: {fig.layout.title.text}")
         return fig
@@ -175,10 +182,12 @@ class ProbeExplorer(_Panel):
     def redraw(self, change=None) -> None:
         """Rebuild the figure and show it in the output area. An exception is not caught: under
         IPython the output area shows its traceback (ipywidgets.Output), elsewhere it propagates."""
-        self.output.outputs = ()
+        from IPython.display import display
+
+        self.output.clear_output(wait=True)
         with self.output:
             self.figure = self.build_figure()
-            self.output.append_display_data(self.figure)
+            display(self.figure)
 
 
 def probe_explorer(probe: Probe, tokens: Sequence[str] | None = None, batch_index: int = 0) -> ProbeExplorer:

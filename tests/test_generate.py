@@ -159,6 +159,8 @@ def test_decoder_is_reusable_and_checks_its_sizes(models):
         generate(model, PROMPTS[:2], max_new_tokens=2, captured=decoder)
     with pytest.raises(ConfigError, match="max_len=20"):
         generate(model, PROMPTS, max_new_tokens=14, captured=decoder)
+    with pytest.raises(ConfigError, match="another model"):
+        generate(models["gdn"], PROMPTS, max_new_tokens=2, captured=decoder)
 
 
 def test_seeded_sampling_is_reproducible(models):

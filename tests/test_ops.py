@@ -154,10 +154,10 @@ def test_state_steps_are_states_after_that_many_steps():
     for i, t in enumerate(step % 12 for step in steps):
         _, state_t, _ = recurrent_gated_delta_rule(
             q[:, :t + 1], k[:, :t + 1], v[:, :t + 1], g[:, :t + 1], beta[:, :t + 1], initial_state=h0)
-        torch.testing.assert_close(states[:, i], state_t, rtol=0, atol=0)
+        assert torch.equal(states[:, i], state_t), f"S after step {t}"
     _, _, every = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, state_steps="all")
     assert every.shape == (2, 12, 3, 16, 32)
-    torch.testing.assert_close(every[:, -1], final_state, rtol=0, atol=0)
+    assert torch.equal(every[:, -1], final_state)
     with pytest.raises(IndexError, match="state_steps"):
         recurrent_gated_delta_rule(q, k, v, g, beta, state_steps=[12])
 
@@ -182,7 +182,7 @@ def test_dispatcher_prefill_then_decode_equals_one_pass():
     assert rel_rmse(torch.cat([o_prefill, o_step], dim=1), o_ref) <= FP32_TOL
     assert rel_rmse(state, state_ref) <= FP32_TOL
     o_chunk, _ = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0)
-    torch.testing.assert_close(gated_delta_rule(q, k, v, g, beta, initial_state=h0)[0], o_chunk, rtol=0, atol=0)
+    assert torch.equal(gated_delta_rule(q, k, v, g, beta, initial_state=h0)[0], o_chunk)
 
 
 def test_shape_errors_name_the_argument():

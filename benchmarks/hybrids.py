@@ -1,0 +1,134 @@
+"""The seed's hybrid study on a GPU in one command: every attention layout trained through `gdn_lab.sweep`.
+
+    python benchmarks/hybrids.py --max-seconds 300 --out benchmarks/results/hybrids_h100.json \\
+        --fig-dir docs/figures/hybrids
+    python benchmarks/hybrids.py --smoke --device cpu            # two tiny variants on the CPU, under a minute
+
+Variants (--patterns, `gdn_lab.config.hybrid_layers`): pure GDN, transformer, sparse (layers 5
+and 11 of 12), alternating, late (8-11), and 1, 3, 5 of 12 attention layers spaced evenly ending
+at the last layer (ratio:8, ratio:25, ratio:42). Model: the `h100` preset (the seed's exp10 model:
+GDN heads of 64, value dim 64, SwiGLU MLP, SDPA attention with RoPE) at --hidden-size x
+--num-layers, hidden_size // 64 heads for GDN and attention alike (6 at 384; the seed: 12 at 768).
+GDN layers run on FLA's chunk kernels on the GPU (backend 'auto' -> 'fla'), bf16 autocast.
+Data: byte tokens of --corpus ('python-source': the installed packages' code, no download),
+windows of 1024, batch 16, 400 steps by default: 6.55M tokens per variant, the same batches for
+every variant; learning rates by the seed's rule (1e-3 pure GDN, 2e-3 otherwise).
+
+--max-seconds is a budget for the whole command (data, calibration and sweep): a few steps of a
+pure GDN and a pure transformer model are timed, then --steps is lowered for every variant alike
+(`gdn_lab.sweep.budget_train_config`; the plan lands in the sweep directory). The run directories
+(--sweep-dir, ~0.6 GB of checkpoints per variant at the defaults) make the command resumable:
+run it again and finished variants are read back, an interrupted one continues.
+
+Writes --out with `gdn_lab.results.save_results` (environment, config, seed; `results` is the
+SweepResult plus the budget plan and the comparison with the seed's ranking) and the figures of
+`gdn_lab.sweep.sweep_figures` as HTML pages into --fig-dir (one shared plotly.min.js).
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+
+STARTED = time.perf_counter()
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from gdn_lab.config import TrainConfig, get_preset  # noqa: E402
+from gdn_lab.data import lm_data  # noqa: E402
+from gdn_lab.env import environment_report  # noqa: E402
+from gdn_lab.results import save_results  # noqa: E402
+from gdn_lab.sweep import (  # noqa: E402
+    SEED_EXP10,
+    SEED_PATTERNS,
+    budget_train_config,
+    compare_with_seed,
+    hybrid_variants,
+    run_sweep,
+    sweep_figures,
+)
+from gdn_lab.viz import save_html  # noqa: E402
+
+SMOKE = {"hidden_size": 32, "num_layers": 2, "head_dim": 16, "corpus": "pydoc", "max_chars": 60_000, "seq_len": 32,
+         "batch_size": 4, "steps": 6, "eval_every": 3, "patterns": ["gdn", "transformer"],
+         "sweep_dir": "runs/hybrids_smoke"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="2 tiny variants, 6 steps (CPU, under a minute)")
+    parser.add_argument("--device", default="auto", help="auto | cuda | cpu")
+    parser.add_argument("--patterns", nargs="+", default=list(SEED_PATTERNS), help="hybrid pattern names")
+    parser.add_argument("--hidden-size", type=int, default=384)
+    parser.add_argument("--num-layers", type=int, default=12)
+    parser.add_argument("--head-dim", type=int, default=64, help="GDN and attention head dim; heads = hidden // this")
+    parser.add_argument("--corpus", default="python-source", help="'python-source', 'pydoc' or a HF dataset name")
+    parser.add_argument("--max-chars", type=int, default=20_000_000, help="characters of the corpus read")
+    parser.add_argument("--tokenizer", default="byte", help="'byte', 'bpe:<vocab>' or a HF tokenizer name")
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=400, help="steps per variant (at most, with --max-seconds)")
+    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-seconds", type=float, help="budget for the whole command; scales --steps down")
+    parser.add_argument("--sweep-dir", default="runs/hybrids", help="run directories (checkpoints; resumable)")
+    parser.add_argument("--out", type=pathlib.Path, help="results JSON, e.g. benchmarks/results/hybrids_h100.json")
+    parser.add_argument("--fig-dir", type=pathlib.Path, help="folder for the figures as HTML")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        for name, value in SMOKE.items():
+            if getattr(args, name) == parser.get_default(name):
+                setattr(args, name, value)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    report = environment_report(args.device)
+    print(f"{report['device_name']} | torch {report['torch']} | triton {report['triton']} | "
+          f"fla {report['flash-linear-attention']} | gdn backend {report['backend']} | {report['dtype']}", flush=True)
+
+    data = lm_data(args.corpus, args.tokenizer, seq_len=args.seq_len, seed=args.seed, max_chars=args.max_chars)
+    heads = args.hidden_size // args.head_dim
+    base = get_preset("h100").model.replace(vocab_size=data.vocab_size, hidden_size=args.hidden_size,
+                                            num_layers=args.num_layers, num_heads=heads, head_dim=args.head_dim,
+                                            attn_num_heads=heads)
+    variants = hybrid_variants(base, args.patterns)
+    train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                               warmup_steps=max(1, args.steps // 10), eval_every=args.eval_every, seed=args.seed,
+                               device=args.device)
+    print(f"data: {data.describe()}", flush=True)
+
+    plan = None
+    if args.max_seconds:
+        plan = budget_train_config(variants, train_config, data, args.max_seconds, sweep_dir=args.sweep_dir,
+                                   min_steps=min(20, args.steps), spent_seconds=time.perf_counter() - STARTED)
+        train_config = plan.train_config
+        print(f"budget {args.max_seconds:g} s: {plan.requested_steps} -> {train_config.steps} steps per variant; "
+              f"estimated {plan.estimated_seconds:.0f} s after {plan.calibration_seconds:.0f} s of calibration; "
+              f"s/step " + ", ".join(f"{n} {s:.3f}" for n, s in plan.step_seconds.items()), flush=True)
+
+    sweep = run_sweep(variants, train_config, data, args.sweep_dir, progress=False,
+                      notes={"corpus": args.corpus, "device": report["device_name"], "model": base.to_dict()})
+    comparison = compare_with_seed(sweep)
+    print(sweep.table())
+    print(f"ranking: {' < '.join(sweep.ranking())}")
+    print(f"seed's variants: this run {' < '.join(comparison['run_order'])}; the seed "
+          f"{' < '.join(comparison['seed_order'])} ({comparison['agreeing_pairs']} of {len(comparison['pairs'])} "
+          f"pairs agree; seed losses {SEED_EXP10['val_loss']})")
+    print(f"total {time.perf_counter() - STARTED:.0f} s", flush=True)
+
+    results = {**sweep.to_dict(), "budget": plan, "comparison": comparison}
+    if args.out:
+        config = {**vars(args), "model": base.to_dict(),
+                  "train": train_config.to_dict(), "seed_exp10": SEED_EXP10}
+        print(f"wrote {save_results(args.out, results, config=config, seed=args.seed, device=args.device)}")
+    if args.fig_dir:
+        for name, figure in sweep_figures(sweep).items():
+            print(f"wrote {save_html(figure, args.fig_dir / f'hybrids_{name}.html')}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
