@@ -34,8 +34,43 @@ def check_00_quickstart(m: dict) -> None:
     assert family["hybrid"] * layers == family["gdn"] * (layers - attn) + family["transformer"] * attn
 
 
+def check_03_lm_training(m: dict) -> None:
+    assert m["device"] == "cpu" and m["backend"] == "torch"
+    assert abs(m["initial_train_loss"] - math.log(m["vocab_size"])) < 0.1, m["initial_train_loss"]
+    assert m["final_val_loss"] < m["initial_train_loss"]
+    assert m["resume_max_abs_diff"] == 0.0  # resume continues bit-exactly on the CPU
+    smoke = SMOKE["03_lm_training"]
+    assert m["extended_steps"] == smoke["steps"] + smoke["extend_steps"]
+    assert m["extended_final_val_loss"] < m["final_val_loss"]
+    assert m["generated_tokens"] == smoke["max_new_tokens"]
+    losses = m["final_val_loss_by_model"]
+    assert set(losses) == {"gdn", "transformer"}
+    assert all(math.isfinite(v) and v < math.log(m["vocab_size"]) for v in losses.values()), losses
+    assert set(m["tokens_by_model"].values()) == {m["tokens"]}  # equal token budgets
+
+
+def check_05_long_context(m: dict) -> None:
+    smoke = SMOKE["05_long_context"]
+    for pattern in ("gdn", "transformer"):
+        for haystack, acc in m["passkey_mean_accuracy"][pattern].items():
+            assert 0.0 <= acc <= 1.0, (pattern, haystack, acc)
+            records = m["passkey"][pattern][haystack]
+            assert len(records) == len(smoke["eval_lengths"]) * len(smoke["depths"])
+        buckets = m["loss_by_position"][pattern]
+        assert buckets and all(math.isfinite(b["loss"]) for b in buckets)
+    state = m["state_norm"]
+    assert state["context_len"] == smoke["state_norm_len"]
+    assert math.isfinite(state["final_max"]) and state["final_max"] > 0
+    scan = m["scan"]
+    assert {r["model"] for r in scan} == {"gdn", "transformer", "hybrid"}
+    assert all(r["status"] in ("ok", "oom", "skipped") for r in scan)
+    assert all(m["scan_max_ok_len"][name] > 0 for name in ("gdn", "transformer", "hybrid"))
+
+
 CHECKS = {
     "00_quickstart": check_00_quickstart,
+    "03_lm_training": check_03_lm_training,
+    "05_long_context": check_05_long_context,
 }
 
 

@@ -240,7 +240,7 @@ class LabNotebook:
     def run_all(self, timeout: float = 300.0) -> LabNotebook:
         """Run ▸ Run All Cells from the menu bar, then wait until no cell is queued or running."""
         self.page.get_by_role("menuitem", name="Run", exact=True).click()
-        self.page.locator('li[data-command="notebook:run-all-cells"]').click()
+        self.page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
         self.page.wait_for_function(
             "() => [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].some(p => p.innerText.includes('*'))"
             " || [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].every(p => /\\d/.test(p.innerText))",
