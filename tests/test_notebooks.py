@@ -67,10 +67,20 @@ def check_05_long_context(m: dict) -> None:
     assert all(m["scan_max_ok_len"][name] > 0 for name in ("gdn", "transformer", "hybrid"))
 
 
+def check_06_benchmarks(m: dict) -> None:
+    assert m["figures"] >= 1
+    assert m["sources"]["decode"], "the committed decode JSON must be read"
+    for source in m["parity"].values():  # a measured ratio per judged comparison, never an empty table
+        assert source["worst_ratio"] and all(r > 0 for r in source["worst_ratio"].values())
+    for source in m["decode"].values():
+        assert all(source["targets"].values()), source["targets"]  # issue 13's decode targets, as measured
+
+
 CHECKS = {
     "00_quickstart": check_00_quickstart,
     "03_lm_training": check_03_lm_training,
     "05_long_context": check_05_long_context,
+    "06_benchmarks": check_06_benchmarks,
 }
 
 
