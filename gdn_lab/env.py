@@ -127,17 +127,24 @@ def environment_report(device: str = "auto", backend: str = "auto") -> dict:
         "backend": resolve_backend(backend, dev),
         "colab": in_colab(),
     }
-    for package in ("torch", "triton", "flash-linear-attention", "fla-core", "transformers", "gdn_lab"):
+    for package in ("torch", "triton", "flash-linear-attention", "fla-core", "transformers"):
         report[package] = version_of(package)
+    from . import __version__
+    report["gdn_lab"] = __version__
     report["git_commit"] = git_commit()
     return report
 
 
 @functools.lru_cache(maxsize=None)
 def git_commit() -> str | None:
-    """The commit of the gdn_lab checkout in use, when it is a git checkout."""
+    """The commit of the gdn_lab checkout in use: `$GDN_LAB_COMMIT` when set (a copy of the tree
+    without .git, such as a GPU machine's), else `git rev-parse` of the checkout."""
+    import os
     import pathlib
     import subprocess
+
+    if os.environ.get("GDN_LAB_COMMIT"):
+        return os.environ["GDN_LAB_COMMIT"]
 
     root = pathlib.Path(__file__).resolve().parent.parent
     try:
