@@ -12,6 +12,7 @@ import yaml
 from conftest import NOTEBOOKS_DIR
 
 from gdn_lab.runner import NOTEBOOK_GLOB, run_notebooks
+from gdn_lab.sweep import variant_name
 
 NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob(NOTEBOOK_GLOB))
 SMOKE = yaml.safe_load((NOTEBOOKS_DIR / "ci_params.yml").read_text())
@@ -49,6 +50,19 @@ def check_03_lm_training(m: dict) -> None:
     assert set(m["tokens_by_model"].values()) == {m["tokens"]}  # equal token budgets
 
 
+def check_04_hybrids(m: dict) -> None:
+    smoke = SMOKE["04_hybrids"]
+    assert m["source"] == "trained" and m["variants"] == [variant_name(p) for p in smoke["patterns"]]
+    assert set(m["status"].values()) == {"ok"}
+    assert set(m["tokens"].values()) == {smoke["steps"] * smoke["batch_size"] * smoke["seq_len"]}
+    losses = m["final_val_loss"]
+    assert all(math.isfinite(x) and x < math.log(256) - 0.05 for x in losses.values()), losses
+    assert m["ranking"] == sorted(losses, key=losses.get)
+    assert m["attn_layers"] == {"gdn": [], "transformer": list(range(smoke["num_layers"]))}
+    assert m["seed_order"] == ["gdn", "transformer"] and m["seed_pairs"] == 1
+    assert m["seed_pairs_agreeing"] == int(m["run_order_of_seed_variants"] == m["seed_order"])
+
+
 def check_05_long_context(m: dict) -> None:
     smoke = SMOKE["05_long_context"]
     for pattern in ("gdn", "transformer"):
@@ -79,6 +93,7 @@ def check_06_benchmarks(m: dict) -> None:
 CHECKS = {
     "00_quickstart": check_00_quickstart,
     "03_lm_training": check_03_lm_training,
+    "04_hybrids": check_04_hybrids,
     "05_long_context": check_05_long_context,
     "06_benchmarks": check_06_benchmarks,
 }
