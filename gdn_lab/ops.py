@@ -20,6 +20,8 @@ import torch.nn.functional as F
 
 
 def _check_inputs(q, k, v, g, beta, initial_state) -> None:
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, T, H, K]; got shape {list(q.shape)}")
     B, T, H, K = q.shape
     V = v.shape[-1]
     if k.shape != q.shape:
@@ -123,7 +125,8 @@ def chunk_gated_delta_rule(
         O = diag(exp(gamma)) Q S + (Q K^T * D) U.
     Only U and S_next run chunk after chunk (two [C, K] x [K, V]-sized products per chunk);
     the rest is batched over all chunks. Every exponent is a sum g_{s+1} + ... + g_r <= 0
-    (s <= r), summed directly rather than as gamma_r - gamma_s: it neither overflows nor cancels.
+    (s <= r; the empty sum 0 above the diagonal, masked after exp), summed directly rather than
+    as gamma_r - gamma_s of two cumulative sums: it neither overflows nor cancels.
     """
     _check_inputs(q, k, v, g, beta, initial_state)
     B, T, H, K = q.shape
@@ -133,23 +136,25 @@ def chunk_gated_delta_rule(
     scale = K ** -0.5 if scale is None else scale
     dtype = q.dtype
     C = min(chunk_size, T)
-    q, k, v = (_to_chunks(x, C) for x in (q * scale, k, v))          # [B, H, N, C, K or V]
+    q, k, v = (_to_chunks(x, C) for x in (q * scale, k, v))             # [B, H, N, C, K | V]
     g, beta = (_to_chunks(x[..., None], C)[..., 0] for x in (g, beta))  # [B, H, N, C]
 
-    gamma = g.cumsum(-1)                                                    # [B, H, N, C]
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()     # s <= r
-    # log D_rs = g_{s+1} + ... + g_r: a cumulative sum down each column of the strictly lower part
-    log_decay = g[..., :, None].expand(*g.shape, C).masked_fill(~causal.tril(-1), 0).cumsum(-2)
-    decay = log_decay.masked_fill(~causal, float("-inf")).exp()             # D [B, H, N, C, C]
-    decay_in, decay_out = gamma.exp(), decay[..., -1, :]                   # exp(gamma_r), exp(gamma_C - gamma_s)
+    gamma = g.cumsum(-1)                                                # [B, H, N, C]
+    causal = torch.ones(C, C, device=q.device).tril()                   # 1 where s <= r
+    # log D_rs = g_{s+1} + ... + g_r: a cumulative sum down each column of the strictly lower part;
+    # above the diagonal the sum is empty (0), so no exponent is positive, and the mask zeroes it
+    log_decay = (g[..., :, None] * causal.tril(-1)).cumsum(-2)
+    decay = log_decay.exp() * causal                                    # D [B, H, N, C, C]
+    decay_in = gamma.exp()                                              # exp(gamma_r)
+    decay_out = decay[..., -1, :]                                       # exp(gamma_C - gamma_s)
 
     A = beta[..., :, None] * (k @ k.transpose(-1, -2)) * decay
     # unitriangular: the solver reads only A's strict lower triangle and takes the diagonal as 1
     T_ut = torch.linalg.solve_triangular(A, torch.eye(C, device=q.device), upper=False, unitriangular=True)
-    U_v = T_ut @ (beta[..., None] * v)                                     # [B, H, N, C, V]
-    W = T_ut @ ((beta * decay_in)[..., None] * k)                          # [B, H, N, C, K]
+    U_v = T_ut @ (beta[..., None] * v)                                  # [B, H, N, C, V]
+    W = T_ut @ ((beta * decay_in)[..., None] * k)                       # [B, H, N, C, K]
+    k_out = (k * decay_out[..., None]).transpose(-1, -2)                # K~^T [B, H, N, K, C]
 
-    k_out = (k * decay_out[..., None]).transpose(-1, -2)                   # K~^T [B, H, N, K, C]
     S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.float()
     chunk_starts, pseudo_values = [], []
     # unbind, not U_v[:, :, n]: the backward of one unbind is one stack, not N zero-filled full-size grads
@@ -159,10 +164,11 @@ def chunk_gated_delta_rule(
         chunk_starts.append(S)
         pseudo_values.append(U)
         S = decay_end_n * S + k_out_n @ U
-    S_start, U = torch.stack(chunk_starts, dim=2), torch.stack(pseudo_values, dim=2)  # [B, H, N, K | C, V]
+    S_start = torch.stack(chunk_starts, dim=2)                          # [B, H, N, K, V]
+    U = torch.stack(pseudo_values, dim=2)                               # [B, H, N, C, V]
 
     P = (q @ k.transpose(-1, -2)) * decay
-    o = (q * decay_in[..., None]) @ S_start + P @ U                         # [B, H, N, C, V]
+    o = (q * decay_in[..., None]) @ S_start + P @ U                     # [B, H, N, C, V]
     o = o.reshape(B, H, -1, V)[:, :, :T].transpose(1, 2)
     return o.to(dtype).contiguous(), S
 

@@ -27,6 +27,7 @@ import torch
 
 from . import ops
 from .config import ConfigError
+from .layers import rotary
 
 FP32_TOLERANCE = 1e-4
 """Relative RMSE allowed between the probe's output and the torch backend's fp32 forward."""
@@ -176,11 +177,12 @@ class _InputOutputRecorder:
     def __init__(self, modules: dict[int, torch.nn.Module]):
         self.inputs: dict[int, torch.Tensor] = {}
         self.outputs: dict[int, torch.Tensor] = {}
-        self.handles = [module.register_forward_hook(self._hook(i)) for i, module in modules.items()]
+        self.handles = [module.register_forward_hook(self._hook(i), with_kwargs=True) for i, module in modules.items()]
 
     def _hook(self, index: int):
-        def record(module, args, output):
-            self.inputs[index], self.outputs[index] = args[0].detach(), output[0].detach()
+        def record(module, args, kwargs, output):
+            x = args[0] if args else kwargs["x"]
+            self.inputs[index], self.outputs[index] = x.detach(), output[0].detach()
         return record
 
     def __enter__(self):
@@ -268,8 +270,6 @@ def softmax_attention_map(model, input_ids: torch.Tensor, layer: int, head: int,
     o_proj, give the layer's real output (relative RMSE within `tolerance`: FP32_TOLERANCE for an
     fp32 model, FLA_TOLERANCE otherwise), else ProbeMismatch. fp32 CPU result.
     """
-    from .layers import rotary
-
     _check_layers(model, [layer], "attn")
     attn = _blocks(model)[layer].attn
     if not 0 <= head < attn.num_heads:
@@ -333,16 +333,23 @@ def implicit_attention(features, head: int, batch_index: int = 0, scale: float |
     return A
 
 
-def attention_hit_rate(A: torch.Tensor, query_positions: Sequence[int], key_positions: Sequence[int]) -> float:
-    """Fraction of query rows t whose largest weight A[t, i] sits on the expected key position.
+def attention_hit_rate(A: torch.Tensor, query_positions: Sequence[int], key_positions: Sequence[int],
+                       value_norms: torch.Tensor | None = None) -> float:
+    """Fraction of query rows t whose largest term sits on the expected key position.
 
     A [T, T] (implicit or softmax attention); query_positions[j] is a row and key_positions[j]
-    the column it should attend to (for MQAR: a query and the value of its key-value pair).
+    the column it should draw on (for MQAR: a query and the value of its key-value pair). With
+    value_norms [T] (||v_i||), a row is ranked by |A[t, i]| ||v_i||, the size of token i's term
+    A[t, i] v_i in o_t (the norm-based reading of attention of Kobayashi et al., 2020), rather
+    than by the weight A[t, i] alone.
     """
     if len(query_positions) != len(key_positions) or not query_positions:
         raise ValueError(f"pass one expected key position per query (got {len(query_positions)} queries and "
                          f"{len(key_positions)} keys)")
-    top = A[list(query_positions)].argmax(-1)
+    rows = A[list(query_positions)]
+    if value_norms is not None:
+        rows = rows.abs() * value_norms.to(rows)
+    top = rows.argmax(-1)
     return (top == torch.as_tensor(list(key_positions), device=A.device)).float().mean().item()
 
 

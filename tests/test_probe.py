@@ -166,8 +166,10 @@ def test_effective_span_on_hand_made_decays():
 
 
 def test_attention_hit_rate_counts_rows_whose_top_weight_is_the_expected_key():
-    A = torch.eye(4) + 0.5 * torch.eye(4).roll(-1, 1)        # row t peaks at t (and 0.5 at t + 1)
+    A = torch.eye(4) + 0.5 * torch.eye(4).roll(-1, 1)        # row t: 1 at t, 0.5 at t - 1 (row 0: at 3)
     assert attention_hit_rate(A, [0, 1, 2, 3], [0, 1, 2, 0]) == 0.75
+    value_norms = torch.tensor([1.0, 3.0, 3.0, 3.0])           # |A| ||v||: row 0 now peaks at 3
+    assert attention_hit_rate(A, [0, 1, 2, 3], [3, 1, 2, 3], value_norms=value_norms) == 1.0
     with pytest.raises(ValueError, match="one expected key position per query"):
         attention_hit_rate(A, [0, 1], [0])
 

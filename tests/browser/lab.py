@@ -16,6 +16,7 @@ import os
 import pathlib
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -147,6 +148,11 @@ class JupyterServer:
             body = response.read()
         return json.loads(body) if body else None
 
+    def shutdown_kernels(self) -> None:
+        """Shut down every kernel the server runs (a test's notebooks), leaving the server up."""
+        for kernel in self.api("GET", "/api/kernels"):
+            self.api("DELETE", f"/api/kernels/{kernel['id']}")
+
     def lab_url(self, relative_path: str | os.PathLike) -> str:
         """The JupyterLab address that opens `relative_path` (under root_dir), token included."""
         return f"{self.url}/lab/tree/{pathlib.PurePosixPath(relative_path)}?reset&token={self.token}"
@@ -187,6 +193,8 @@ _PAGE_ERRORS_JS = """([stderr, widget, pattern]) => {
     return [...texts, ...widgets];
 }"""
 
+_PROMPTS_JS = "() => [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].map(p => p.innerText.trim())"
+
 _FIGURES_JS = """(mime) => [...document.querySelectorAll(`.jp-OutputArea-output[data-mime-type="${mime}"]`)]
     .map((output, index) => {
         const plot = output.querySelector(".js-plotly-plot");
@@ -221,10 +229,12 @@ _FIGURE_STATE_JS = """(plot) => {
 
 
 class LabNotebook:
-    """One notebook open in JupyterLab in a Playwright `page`."""
+    """One notebook open in JupyterLab in a Playwright `page`; `run_dir` is the folder its run writes to."""
 
-    def __init__(self, page, server: JupyterServer, relative_path: str | os.PathLike):
+    def __init__(self, page, server: JupyterServer, relative_path: str | os.PathLike,
+                 run_dir: pathlib.Path | None = None):
         self.page, self.server, self.relative_path = page, server, pathlib.PurePosixPath(relative_path)
+        self.run_dir = run_dir
 
     def open(self, timeout: float = 120.0) -> LabNotebook:
         """Load JupyterLab with the notebook and wait until its kernel is idle."""
@@ -239,21 +249,25 @@ class LabNotebook:
 
     def run_all(self, timeout: float = 300.0) -> LabNotebook:
         """Run ▸ Run All Cells from the menu bar, then wait until no cell is queued or running."""
+        before = self._prompts()
         self.page.get_by_role("menuitem", name="Run", exact=True).click()
         self.page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
-        self.page.wait_for_function(
-            "() => [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].some(p => p.innerText.includes('*'))"
-            " || [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].every(p => /\\d/.test(p.innerText))",
-            timeout=timeout * 1000)
+        self.page.wait_for_function(f"() => ({_PROMPTS_JS})().join() !== {json.dumps(','.join(before))}",
+                                    timeout=timeout * 1000, polling=100)
         return self.wait_until_idle(timeout)
 
+    def _prompts(self) -> list[str]:
+        return self.page.evaluate(_PROMPTS_JS)
+
     def wait_until_idle(self, timeout: float = 300.0) -> LabNotebook:
-        """Wait until the kernel indicator says idle and no cell prompt shows `[*]`."""
+        """Wait until a kernel is connected and idle (status bar, toolbar indicator) and no cell shows `[*]`."""
         self.page.wait_for_function(
             """() => {
                 const indicator = document.querySelector(".jp-Notebook-ExecutionIndicator");
+                const kernel = [...document.querySelectorAll(".jp-StatusBar-TextItem")]
+                    .some(item => / \\| Idle$/.test(item.innerText) && !item.innerText.startsWith("No Kernel"));
                 const prompts = [...document.querySelectorAll(".jp-CodeCell .jp-InputPrompt")];
-                return indicator && indicator.dataset.status === "idle"
+                return kernel && indicator && indicator.dataset.status === "idle"
                     && prompts.every(prompt => !prompt.innerText.includes("*"));
             }""", timeout=timeout * 1000, polling=250)
         return self
@@ -329,6 +343,29 @@ class LabNotebook:
 
     def output_text(self, cell) -> str:
         return cell.locator(".jp-OutputArea").inner_text()
+
+
+class Screenshots:
+    """PNG screenshots of page regions in `run_dir`; copied to `docs_dir` too when it is given.
+
+    A copy for docs/ must stay under `max_docs_bytes` (screenshot an element, not the page).
+    """
+
+    def __init__(self, run_dir: pathlib.Path, docs_dir: pathlib.Path | None = None, max_docs_bytes: int = 150_000):
+        self.run_dir, self.docs_dir, self.max_docs_bytes = pathlib.Path(run_dir), docs_dir, max_docs_bytes
+
+    def save(self, locator, name: str) -> pathlib.Path:
+        """Screenshot `locator` (a Playwright locator) as `<name>.png`; returns the run-directory copy."""
+        path = self.run_dir / f"{name}.png"
+        locator.screenshot(path=path, animations="disabled")
+        if self.docs_dir is not None:
+            size = path.stat().st_size
+            if size > self.max_docs_bytes:
+                raise ValueError(f"screenshot {name} is {size // 1000} KB, over {self.max_docs_bytes // 1000} KB "
+                                 f"for docs/; screenshot a smaller element")
+            self.docs_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, self.docs_dir / path.name)
+        return path
 
 
 def problems_on_page(notebook: LabNotebook, min_figures: int = 0) -> list[str]:
