@@ -35,6 +35,19 @@ def check_00_quickstart(m: dict) -> None:
     assert family["hybrid"] * layers == family["gdn"] * (layers - attn) + family["transformer"] * attn
 
 
+def check_01_layer_internals(m: dict) -> None:
+    for key in ("scratch_vs_layer_rel_rmse", "chunk_vs_recurrent_rel_rmse", "chunk_vs_recurrent_state_rel_rmse"):
+        assert m[key] < 1e-5, (key, m[key])
+    assert m["probe_max_rel_error"] < 1e-4 and m["implicit_attention_rel_rmse"] < 1e-4
+    smoke = SMOKE["01_layer_internals"]
+    assert m["probed_gdn_layers"] == 2 and m["kept_state_steps"] == smoke["state_frames"]
+    assert m["train_steps"] == smoke["train_steps"]
+    assert len(m["figures"]) == 9
+    for key in ("accuracy_trained_gdn", "accuracy_untrained_gdn", "accuracy_transformer", "chance_accuracy",
+                "answer_hit_rate_trained", "answer_hit_rate_untrained", "answer_hit_rate_transformer"):
+        assert 0.0 <= m[key] <= 1.0, (key, m[key])
+
+
 def check_03_lm_training(m: dict) -> None:
     assert m["device"] == "cpu" and m["backend"] == "torch"
     assert abs(m["initial_train_loss"] - math.log(m["vocab_size"])) < 0.1, m["initial_train_loss"]
@@ -92,6 +105,7 @@ def check_06_benchmarks(m: dict) -> None:
 
 CHECKS = {
     "00_quickstart": check_00_quickstart,
+    "01_layer_internals": check_01_layer_internals,
     "03_lm_training": check_03_lm_training,
     "04_hybrids": check_04_hybrids,
     "05_long_context": check_05_long_context,

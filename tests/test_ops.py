@@ -64,7 +64,7 @@ def make_inputs(B=2, T=33, H=3, K=16, V=32, *, seed=0, gate="logsigmoid", beta_m
     gates = {
         "logsigmoid": lambda: F.logsigmoid(torch.randn(B, T, H, generator=gen)),
         "none": lambda: torch.zeros(B, T, H),                       # DeltaNet: alpha = 1
-        "strong": lambda: -30 * torch.rand(B, T, H, generator=gen),  # gamma reaches ~ -2000 in a chunk
+        "strong": lambda: -30 * torch.rand(B, T, H, generator=gen),  # gamma reaches ~ -1000 in a chunk
     }
     return {
         "q": F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1),
