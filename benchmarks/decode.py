@@ -27,8 +27,6 @@ the ratios (captured vs FLA, 8k/128, 32k/128 per path) and issue 13's targets wi
 """
 from __future__ import annotations
 
-import argparse
-import gc
 import pathlib
 import sys
 import time
@@ -39,11 +37,21 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from gdn_lab.config import ModelConfig, get_preset  # noqa: E402
-from gdn_lab.env import environment_report, fla_unavailable_reason, pick_device, pick_dtype  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    benchmark_parser,
+    compared_models,
+    environment_line,
+    fla_small_configs,
+    fmt,
+    free_memory,
+    peak_mib,
+    reset_peak,
+    synchronize,
+)
+from gdn_lab.env import environment_report, pick_device, pick_dtype  # noqa: E402
 from gdn_lab.generate import CapturedDecoder, prefill  # noqa: E402
 from gdn_lab.layers import KVState  # noqa: E402
-from gdn_lab.models import CausalLM, build_model, to_fla  # noqa: E402
+from gdn_lab.models import CausalLM  # noqa: E402
 from gdn_lab.results import save_results  # noqa: E402
 
 FULL_CONTEXTS = (128, 8192, 32768)
@@ -52,34 +60,6 @@ PATHS = (("gdn", "plain"), ("gdn", "captured"), ("fla", "hf"), ("transformer", "
 TARGETS = {"batch1_8k_ms_per_token": 2.0, "batch1_32k_over_128": 1.2, "batch1_speedup_vs_fla": 5.0}
 
 Step = Callable[[torch.Tensor], torch.Tensor]
-
-
-def model_configs(smoke: bool, vocab_size: int) -> dict[str, ModelConfig]:
-    """GDN and transformer configs: FLA's 'small' (768d x 12L, 12 heads x 64), or tiny for --smoke."""
-    base = get_preset("fla-small").model.replace(vocab_size=vocab_size, max_position_embeddings=65536)
-    if smoke:
-        base = base.replace(hidden_size=64, num_layers=2, num_heads=2, head_dim=16, attn_num_heads=2)
-    return {"gdn": base, "transformer": base.replace(attn_layers="transformer")}
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def peak_mib(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
 
 
 def cache_mib(cache) -> float:
@@ -260,9 +240,6 @@ def summarize(records: list[dict], contexts: tuple[int, ...], batches: tuple[int
 
 
 def table(records: list[dict]) -> str:
-    def fmt(value, spec):
-        return "-" if value is None else format(value, spec)
-
     lines = [f"{'model/path':<22}{'context':>8}{'batch':>6}{'status':>8}{'ms/token':>10}{'tokens/s':>11}"
              f"{'prefill s':>10}{'decode MiB':>11}"]
     for r in records:
@@ -273,10 +250,7 @@ def table(records: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="a 64d x 2-layer model, contexts 16 and 64 (CPU, seconds)")
-    parser.add_argument("--device", default="auto", help="auto | cuda | cpu")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on Ampere+ GPUs, fp32 on the CPU) | float32 | ...")
+    parser = benchmark_parser(__doc__, "a 64d x 2-layer model, contexts 16 and 64 (CPU, seconds)")
     parser.add_argument("--contexts", type=int, nargs="+", help="context lengths (default 128 8192 32768)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default 1 32 (smoke 1 4)")
     parser.add_argument("--models", nargs="+", default=["gdn", "fla", "transformer"],
@@ -287,8 +261,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prefill-tokens", type=int, default=8192, help="batch x tokens per prefill call")
     parser.add_argument("--max-batch-context", type=int, default=32768, help="0 skips the largest-batch search")
     parser.add_argument("--max-batch-probes", type=int, default=12)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=pathlib.Path, help="results JSON (gdn_lab.results.save_results)")
     args = parser.parse_args(argv)
 
     device = pick_device(args.device)
@@ -297,31 +269,18 @@ def main(argv: list[str] | None = None) -> dict:
     batches = tuple(args.batch_sizes or ((1, 4) if args.smoke else (1, 32)))
     if args.smoke:
         args.vocab_size, args.steps, args.warmup = min(args.vocab_size, 256), min(args.steps, 4), min(args.warmup, 1)
-    report = environment_report(str(device))
-    print(f"{report['device_name']} | torch {report['torch']} | triton {report['triton']} | "
-          f"fla {report['flash-linear-attention']} | backend {report['backend']} | {str(dtype).replace('torch.', '')}")
+    print(environment_line(environment_report(str(device)), dtype))
 
-    configs = model_configs(args.smoke, args.vocab_size)
+    configs = fla_small_configs(args.smoke, args.vocab_size)
     torch.manual_seed(args.seed)
-    gdn = build_model(configs["gdn"]).to(device=device, dtype=dtype).eval()
-    models: dict = {}
-    notes: dict[str, str] = {}
-    if "gdn" in args.models or "fla" in args.models:
-        models["gdn"] = gdn
-    if "fla" in args.models:
-        reason = fla_unavailable_reason(device.type)
-        if reason:
-            notes["fla"] = f"skipped: {reason}"
-        else:
-            models["fla"] = to_fla(gdn).eval()
-    if "transformer" in args.models:
-        models["transformer"] = build_model(configs["transformer"]).to(device=device, dtype=dtype).eval()
+    models, notes = compared_models(configs, args.models, device, dtype)
+    models = {name: model.eval() for name, model in models.items()}
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
     print("parameters: " + ", ".join(f"{n} {p / 1e6:.1f}M" for n, p in params.items()))
 
     records = []
     for name, path in PATHS:
-        if name not in args.models or name not in models:
+        if name not in models:
             continue
         for batch in batches:
             for context in contexts:

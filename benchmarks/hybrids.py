@@ -35,6 +35,7 @@ STARTED = time.perf_counter()
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from benchmarks.common import benchmark_parser, environment_line  # noqa: E402
 from gdn_lab.config import TrainConfig, get_preset  # noqa: E402
 from gdn_lab.data import lm_data  # noqa: E402
 from gdn_lab.env import environment_report  # noqa: E402
@@ -56,9 +57,7 @@ SMOKE = {"hidden_size": 32, "num_layers": 2, "head_dim": 16, "corpus": "pydoc", 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="2 tiny variants, 6 steps (CPU, under a minute)")
-    parser.add_argument("--device", default="auto", help="auto | cuda | cpu")
+    parser = benchmark_parser(__doc__, "2 tiny variants, 6 steps (CPU, under a minute)", dtype=False)
     parser.add_argument("--patterns", nargs="+", default=list(SEED_PATTERNS), help="hybrid pattern names")
     parser.add_argument("--hidden-size", type=int, default=384)
     parser.add_argument("--num-layers", type=int, default=12)
@@ -70,10 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=400, help="steps per variant (at most, with --max-seconds)")
     parser.add_argument("--eval-every", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-seconds", type=float, help="budget for the whole command; scales --steps down")
     parser.add_argument("--sweep-dir", default="runs/hybrids", help="run directories (checkpoints; resumable)")
-    parser.add_argument("--out", type=pathlib.Path, help="results JSON, e.g. benchmarks/results/hybrids_h100.json")
     parser.add_argument("--fig-dir", type=pathlib.Path, help="folder for the figures as HTML")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -86,8 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     report = environment_report(args.device)
-    print(f"{report['device_name']} | torch {report['torch']} | triton {report['triton']} | "
-          f"fla {report['flash-linear-attention']} | gdn backend {report['backend']} | {report['dtype']}", flush=True)
+    print(environment_line(report, report["dtype"]), flush=True)
 
     data = lm_data(args.corpus, args.tokenizer, seq_len=args.seq_len, seed=args.seed, max_chars=args.max_chars)
     heads = args.hidden_size // args.head_dim

@@ -17,7 +17,6 @@ ratios of time and memory per length.
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 
@@ -25,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from benchmarks.common import benchmark_parser, environment_line, fmt  # noqa: E402
 from gdn_lab.config import get_preset  # noqa: E402
 from gdn_lab.env import environment_report, pick_device, pick_dtype  # noqa: E402
 from gdn_lab.longctx import scan_lengths, scan_ratios  # noqa: E402
@@ -44,10 +44,6 @@ def model_configs(smoke: bool, vocab_size: int, backend: str) -> dict:
     return {name: base.replace(attn_layers=pattern) for name, pattern in MODELS.items()}
 
 
-def fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def table(records: list[dict]) -> str:
     lines = [f"{'model':<12}{'seq_len':>8}{'status':>9}{'fwd ms':>10}{'fwd+bwd ms':>12}{'peak MiB':>10}"
              f"{'tokens/s':>11}"]
@@ -59,10 +55,7 @@ def table(records: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny models and lengths 64, 128 (CPU, seconds)")
-    parser.add_argument("--device", default="auto", help="auto | cuda | cpu")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on Ampere+ GPUs, fp32 on the CPU) | float32 | ...")
+    parser = benchmark_parser(__doc__, "tiny models and lengths 64, 128 (CPU, seconds)")
     parser.add_argument("--backend", default="auto", help="GDN kernels: auto (fla on CUDA) | fla | torch")
     parser.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (default 1k..32k, smoke 64 128)")
     parser.add_argument("--vocab-size", type=int, default=256)
@@ -71,8 +64,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-backward", action="store_true", help="forward only")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=pathlib.Path, help="results JSON (gdn_lab.results.save_results)")
     args = parser.parse_args(argv)
 
     device = pick_device(args.device)
@@ -80,9 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     lengths = args.lengths or (SMOKE_LENGTHS if args.smoke else FULL_LENGTHS)
     warmup, repeats = (1, 2) if args.smoke else (args.warmup, args.repeats)
     configs = model_configs(args.smoke, args.vocab_size, args.backend)
-    report = environment_report(str(device), args.backend)
-    print(f"{report['device_name']} | torch {report['torch']} | triton {report['triton']} | "
-          f"fla {report['flash-linear-attention']} | backend {report['backend']} | {str(dtype).replace('torch.', '')}")
+    print(environment_line(environment_report(str(device), args.backend), dtype))
 
     records = scan_lengths(configs, lengths, tokens_per_step=args.tokens_per_step, device=device,
                            dtype=None if dtype == torch.float32 else dtype, backward=not args.no_backward,

@@ -28,7 +28,6 @@ under "skipped". Exit status 1 when a judged quantity misses its tolerance.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import pathlib
 import statistics
@@ -38,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from benchmarks.common import benchmark_parser  # noqa: E402
 from gdn_lab import ops  # noqa: E402
 from gdn_lab.config import ModelConfig  # noqa: E402
 from gdn_lab.env import fla_unavailable_reason, pick_device  # noqa: E402
@@ -247,13 +247,9 @@ def report(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--smoke", action="store_true", help="tiny shape (hidden 64, T=100) for a CPU plumbing check")
+    parser = benchmark_parser(__doc__, "tiny shape (hidden 64, T=100) for a CPU plumbing check", dtype=False)
     parser.add_argument("--seq-len", type=int, help="override T")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timing-iters", type=int, default=10, help="calls per timing round; 0 skips the timings")
-    parser.add_argument("--out", type=pathlib.Path, help="write the results JSON here")
     args = parser.parse_args(argv)
 
     device = pick_device(args.device)

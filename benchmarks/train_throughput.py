@@ -28,8 +28,6 @@ efficiency: tokens/s on N GPUs / (N x tokens/s on one).
 """
 from __future__ import annotations
 
-import argparse
-import gc
 import json
 import os
 import pathlib
@@ -43,16 +41,19 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from gdn_lab.config import ModelConfig, TrainConfig, get_preset  # noqa: E402
-from gdn_lab.env import (  # noqa: E402
-    check_training_backend,
-    environment_report,
-    fla_unavailable_reason,
-    pick_device,
-    pick_dtype,
-    resolve_backend,
+from benchmarks.common import (  # noqa: E402
+    benchmark_parser,
+    compared_models,
+    environment_line,
+    fla_small_configs,
+    fmt,
+    free_memory,
+    peak_mib,
+    reset_peak,
+    synchronize,
 )
-from gdn_lab.models import build_model, to_fla  # noqa: E402
+from gdn_lab.config import TrainConfig  # noqa: E402
+from gdn_lab.env import check_training_backend, environment_report, pick_device, pick_dtype, resolve_backend  # noqa: E402
 from gdn_lab.results import save_results  # noqa: E402
 from gdn_lab.train import make_optimizer  # noqa: E402
 
@@ -61,26 +62,6 @@ SMOKE_CONTEXTS = (32, 128)
 MODELS = ("gdn", "fla", "transformer")
 # issue 5: GDN >= 1.0x FLA's model at 1k and 16k, GDN >= 1.3x the SDPA transformer at 16k
 TARGETS = (("gdn_over_fla", 1024, 1.0), ("gdn_over_fla", 16384, 1.0), ("gdn_over_transformer", 16384, 1.3))
-
-
-def model_configs(smoke: bool, vocab_size: int, backend: str) -> dict[str, ModelConfig]:
-    """GDN and transformer configs: FLA's 'small' (768d x 12L, 12 heads x 64), or tiny for --smoke."""
-    base = get_preset("fla-small").model.replace(vocab_size=vocab_size, max_position_embeddings=65536,
-                                                 backend=backend)
-    if smoke:
-        base = base.replace(hidden_size=64, num_layers=2, num_heads=2, head_dim=16, attn_num_heads=2)
-    return {"gdn": base, "transformer": base.replace(attn_layers="transformer")}
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 class Timer:
@@ -138,8 +119,7 @@ def run_cell(name: str, model: torch.nn.Module, context: int, args, device: torc
         for _ in range(args.warmup):
             step()
         synchronize(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        reset_peak(device)
         timer = Timer(device)
         timer.start()
         for _ in range(args.steps):
@@ -151,7 +131,7 @@ def run_cell(name: str, model: torch.nn.Module, context: int, args, device: torc
             seconds = slowest.item()
         record.update(tokens_per_s=record["tokens_per_step"] * args.steps / seconds,
                       ms_per_step=seconds / args.steps * 1e3,
-                      peak_mib=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None)
+                      peak_mib=peak_mib(device))
     except torch.cuda.OutOfMemoryError:
         record["status"] = "oom"
     finally:
@@ -185,9 +165,6 @@ def summarize(records: list[dict], contexts: tuple[int, ...]) -> tuple[dict, lis
 
 
 def table(records: list[dict]) -> str:
-    def fmt(value, spec):
-        return "-" if value is None else format(value, spec)
-
     lines = [f"{'model':<13}{'context':>8}{'batch':>6}{'status':>7}{'tokens/s':>12}{'ms/step':>10}{'peak MiB':>10}"]
     for r in records:
         lines.append(f"{r['model']:<13}{r['context']:>8}{r['batch']:>6}{r['status']:>7}"
@@ -217,7 +194,7 @@ def scaling(args, argv: list[str]) -> dict:
             ideal = record["tokens_per_s"] and world_size / base * record["tokens_per_s"]
             efficiency.setdefault(key, {})[str(world_size)] = tps / ideal if tps and ideal else None
     for key, per_world in efficiency.items():
-        print(f"scaling efficiency {key}: " + ", ".join(f"{w} GPUs {fmt_ratio(e)}" for w, e in per_world.items()))
+        print(f"scaling efficiency {key}: " + ", ".join(f"{w} GPUs {fmt(e, '.3f')}" for w, e in per_world.items()))
     return {"runs": {str(w): r for w, r in runs.items()}, "scaling_efficiency": efficiency,
             "note": "weak scaling: every rank takes --tokens-per-step tokens per step; efficiency = tokens/s on N "
                     "/ (N x tokens/s on one); aim >= 0.9"}
@@ -231,26 +208,17 @@ def _without(argv: list[str], option: str, values: int) -> list[str]:
     return argv[:i] + argv[i + 1 + values:]
 
 
-def fmt_ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
-
-
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="64d x 2 layers, contexts 32 and 128 (CPU, seconds)")
-    parser.add_argument("--device", default="auto", help="auto | cuda | cpu")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on Ampere+ GPUs, fp32 on the CPU) | float32 | ...")
+    parser = benchmark_parser(__doc__, "64d x 2 layers, contexts 32 and 128 (CPU, seconds)")
     parser.add_argument("--contexts", type=int, nargs="+", help="context lengths (default 1024 4096 16384)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--tokens-per-step", type=int, default=32768, help="per rank; batch = this / context")
     parser.add_argument("--vocab-size", type=int, default=32000)
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per cell")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (autotuning)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scaling", type=int, nargs="+", metavar="N",
                         help="world sizes to run under torchrun, e.g. 1 2: records the scaling efficiency")
-    parser.add_argument("--out", type=pathlib.Path, help="results JSON (gdn_lab.results.save_results)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.vocab_size, args.steps, args.warmup = min(args.vocab_size, 256), min(args.steps, 2), min(args.warmup, 1)
@@ -274,25 +242,11 @@ def main(argv: list[str] | None = None) -> dict:
     backend = resolve_backend("auto", device)
     check_training_backend(backend, device)
     contexts = tuple(args.contexts or (SMOKE_CONTEXTS if args.smoke else FULL_CONTEXTS))
-    report = environment_report(str(device))
-    say(f"{report['device_name']} x {world_size} | torch {report['torch']} | triton {report['triton']} | "
-        f"fla {report['flash-linear-attention']} | gdn backend {backend} | {str(dtype).replace('torch.', '')}")
+    say(environment_line(environment_report(str(device), backend), dtype, world_size))
 
-    configs = model_configs(args.smoke, args.vocab_size, backend)
+    configs = fla_small_configs(args.smoke, args.vocab_size, backend)
     torch.manual_seed(args.seed)
-    models: dict = {}
-    notes: dict[str, str] = {}
-    gdn = build_model(configs["gdn"]).to(device)
-    if "gdn" in args.models:
-        models["gdn"] = gdn
-    if "fla" in args.models:
-        reason = fla_unavailable_reason(device.type)
-        if reason:
-            notes["fla"] = f"skipped: {reason}"
-        else:
-            models["fla"] = to_fla(gdn)
-    if "transformer" in args.models:
-        models["transformer"] = build_model(configs["transformer"]).to(device)
+    models, notes = compared_models(configs, args.models, device)
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
     say("parameters: " + ", ".join(f"{n} {p / 1e6:.1f}M" for n, p in params.items()))
 
@@ -305,9 +259,9 @@ def main(argv: list[str] | None = None) -> dict:
     ratios, targets = summarize(records, contexts)
     say(table(records))
     for key, per_context in ratios.items():
-        say(f"{key}: " + ", ".join(f"{c}: {fmt_ratio(v)}" for c, v in per_context.items()))
+        say(f"{key}: " + ", ".join(f"{c}: {fmt(v, '.3f')}" for c, v in per_context.items()))
     for target in targets:
-        say(f"target {target['ratio']} @{target['context']} {target['target']}: {fmt_ratio(target['value'])} "
+        say(f"target {target['ratio']} @{target['context']} {target['target']}: {fmt(target['value'], '.3f')} "
             f"-> {target['met']}")
     results = {"records": records, "ratios": ratios, "targets": targets, "parameters": params, "notes": notes,
                "world_size": world_size}

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 
-def _check_inputs(q, k, v, g, beta, initial_state) -> None:
+def _checked_sizes(q, k, v, g, beta, initial_state) -> tuple[int, int, int, int, int]:
+    """(B, T, H, K, V) of inputs whose shapes agree; a ValueError naming the first one that does not."""
     if q.dim() != 4:
         raise ValueError(f"q must be [B, T, H, K]; got shape {list(q.shape)}")
     B, T, H, K = q.shape
@@ -33,6 +34,7 @@ def _check_inputs(q, k, v, g, beta, initial_state) -> None:
             raise ValueError(f"{name} must be [B, T, H] = {list(q.shape[:3])}; got {list(x.shape)}")
     if initial_state is not None and initial_state.shape != (B, H, K, V):
         raise ValueError(f"initial_state must be [B, H, K, V] = {[B, H, K, V]}; got {list(initial_state.shape)}")
+    return B, T, H, K, V
 
 
 def recurrent_gated_delta_rule(
@@ -54,9 +56,7 @@ def recurrent_gated_delta_rule(
     `states` is [B, len(steps), H, K, V]: S_t after step t for the sorted, distinct t in
     `state_steps` ("all" for every step; negative indices count from the end).
     """
-    _check_inputs(q, k, v, g, beta, initial_state)
-    B, T, H, K = q.shape
-    V = v.shape[-1]
+    B, T, H, K, V = _checked_sizes(q, k, v, g, beta, initial_state)
     scale = K ** -0.5 if scale is None else scale
     dtype = q.dtype
     q, k, v, g, beta = (x.float() for x in (q, k, v, g, beta))
@@ -128,9 +128,7 @@ def chunk_gated_delta_rule(
     (s <= r; the empty sum 0 above the diagonal, masked after exp), summed directly rather than
     as gamma_r - gamma_s of two cumulative sums: it neither overflows nor cancels.
     """
-    _check_inputs(q, k, v, g, beta, initial_state)
-    B, T, H, K = q.shape
-    V = v.shape[-1]
+    B, T, H, K, V = _checked_sizes(q, k, v, g, beta, initial_state)
     if T < 1 or chunk_size < 1:
         raise ValueError(f"chunk_gated_delta_rule needs T >= 1 and chunk_size >= 1; got T={T}, chunk_size={chunk_size}")
     scale = K ** -0.5 if scale is None else scale

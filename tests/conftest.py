@@ -1,13 +1,25 @@
-"""Shared test helpers: repository paths and a maker of small notebooks."""
+"""Shared test helpers: one torch thread for every test, repository paths and a maker of small notebooks."""
 from __future__ import annotations
 
 import pathlib
 
 import nbformat
 import pytest
+import torch
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Every test runs with one intra-op torch thread: bit-exact resume and distributed comparisons
+    need a fixed thread count, and on a shared CPU a second thread on these tiny tensors only spins
+    (two threads ran several times slower than one). Spawned processes set their own."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -64,14 +64,6 @@ def train_on_two_processes(*runs: tuple[pathlib.Path, pathlib.Path | None]) -> l
     return [json.loads((run_dir / "training_results.json").read_text())["results"]["history"] for run_dir, _ in runs]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("single")

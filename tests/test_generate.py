@@ -24,17 +24,8 @@ PROMPTS = [[5, 9, 2, 7, 7, 3, 1], [4, 4], [8, 1, 6, 2]]  # lengths 7, 2, 4: left
 PATTERNS = {"gdn": "gdn", "transformer": "transformer", "hybrid": (1,)}  # hybrid: GDN layer 0, attention layer 1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is ~10x faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def models(one_thread):
+def models():
     """Tiny 2-layer models (64d, GDN 2 heads x 16, attention 1 head x 64) with 64-token vocabularies."""
     built = {}
     for name, pattern in PATTERNS.items():

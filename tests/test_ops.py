@@ -26,15 +26,6 @@ BF16_TOL = 1e-2
 GRAD_NAMES = ("q", "k", "v", "g", "beta", "initial_state")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: a second thread only spins, which costs seconds on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def load_fla_naive():
     """FLA's pure-torch reference, fla/ops/gated_delta_rule/naive.py, loaded as a file.
 

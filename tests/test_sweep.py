@@ -3,7 +3,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from gdn_lab import sweep as sweep_module
 from gdn_lab.config import ConfigError, ModelConfig, TrainConfig
@@ -27,15 +26,6 @@ BASE = ModelConfig(vocab_size=256, hidden_size=32, num_layers=2, num_heads=2, he
                    backend="torch")
 CONFIG = TrainConfig(steps=6, batch_size=4, seq_len=32, warmup_steps=1, eval_every=3, eval_batches=2, save_every=3)
 SEED_12 = ModelConfig(num_layers=12, hidden_size=64, num_heads=2, head_dim=16, attn_num_heads=2)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Bit-exact resume needs a fixed thread count; one thread is also the fastest on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

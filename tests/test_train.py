@@ -25,15 +25,6 @@ TINY = ModelConfig(vocab_size=256, hidden_size=32, num_layers=2, num_heads=2, he
                    attn_layers=(1,), backend="torch")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Bit-exact comparisons need a fixed thread count; one thread is also the fastest on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data():
     return lm_data("pydoc", "byte", seq_len=32, max_chars=100_000)

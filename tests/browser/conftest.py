@@ -13,7 +13,6 @@ import pathlib
 import shutil
 
 import pytest
-from playwright.sync_api import sync_playwright
 
 from gdn_lab.runner import load_smoke_params
 
@@ -27,7 +26,7 @@ def pytest_collection_modifyitems(config, items):
     """Every test under tests/browser/ carries the `browser` marker (`-m "not browser"` skips the tier)."""
     here = pathlib.Path(__file__).parent
     for item in items:
-        if here in pathlib.Path(item.fspath).parents:
+        if here in item.path.parents:
             item.add_marker(pytest.mark.browser)
 
 
@@ -51,7 +50,10 @@ def jupyter_server(lab_root, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def browser():
-    """Headless Debian Chromium driven by Playwright."""
+    """Headless Debian Chromium driven by Playwright (the dev extra's `playwright`; imported here, so
+    that the other tiers run without it)."""
+    from playwright.sync_api import sync_playwright
+
     if not CHROMIUM.is_file():
         pytest.skip(f"no Chromium at {CHROMIUM}: run .ci/install_browser.sh (or set GDN_LAB_CHROMIUM)")
     with sync_playwright() as playwright:
@@ -64,14 +66,10 @@ def browser():
 
 @contextlib.contextmanager
 def browser_page(browser, server: JupyterServer):
-    """A page in a fresh browser context; `page.errors` collects uncaught JavaScript errors.
-    On exit the context closes and every kernel the server runs is shut down."""
+    """A page in a fresh browser context; on exit the context closes and the server's kernels shut down."""
     context = browser.new_context(viewport=VIEWPORT)
-    page = context.new_page()
-    page.errors = []
-    page.on("pageerror", lambda error: page.errors.append(str(error)))
     try:
-        yield page
+        yield context.new_page()
     finally:
         context.close()
         server.shutdown_kernels()
@@ -88,6 +86,16 @@ def module_page(browser, jupyter_server):
     """One page shared by the tests of a module (one notebook run, several checks)."""
     with browser_page(browser, jupyter_server) as page:
         yield page
+
+
+@pytest.fixture
+def file_page(browser):
+    """A page in a fresh browser context for file:// pages (no Jupyter server)."""
+    context = browser.new_context(viewport=VIEWPORT)
+    try:
+        yield context.new_page()
+    finally:
+        context.close()
 
 
 def open_lab_notebook(page, server: JupyterServer, lab_root: pathlib.Path, name: str | pathlib.Path,

@@ -11,6 +11,8 @@ a broken one has some.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import pathlib
@@ -33,12 +35,11 @@ from papermill.parameterize import parameterize_notebook
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-VIEWPORT = {"width": 1280, "height": 900}
-PLOTLY_MIME = "application/vnd.plotly.v1+json"
+PR_SET_PDEATHSIG = 1  # prctl(2)
+VIEWPORT = {"width": 1280, "height": 1100}  # tall enough for a three-row figure below the toolbar
 STDERR_MIME = "application/vnd.jupyter.stderr"
-WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
-# What an error looks like on the page: an IPython traceback (error outputs render as stderr text),
-# an exception line, a failed JavaScript output, or a widget the front end could not show.
+# What an error looks like in a stderr output (error outputs render as stderr text too): an IPython
+# traceback, an "ename: evalue" line, a JavaScript output that failed. Progress bars and warnings pass.
 ERROR_TEXT = re.compile(r"Traceback \(most recent call last\)|^\w+(Error|Exception): |Javascript Error", re.MULTILINE)
 # JupyterLab settings for a test run: every cell attached to the page (the default windowing
 # leaves off-screen cells out of the DOM), no news or update pop-ups over the notebook.
@@ -82,6 +83,7 @@ class JupyterServer:
         env.update({
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
             "JUPYTER_CONFIG_DIR": str(self.home / "config"),
+            "JUPYTER_DATA_DIR": str(self.home / "data"),
             "JUPYTER_RUNTIME_DIR": str(self.home / "runtime"),
             "JUPYTERLAB_SETTINGS_DIR": str(settings),
             "JUPYTERLAB_WORKSPACES_DIR": str(self.home / "workspaces"),
@@ -102,7 +104,8 @@ class JupyterServer:
         self.home.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(command, cwd=self.root_dir, env=self._environment(), stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+                                            stderr=subprocess.STDOUT, start_new_session=True,
+                                            preexec_fn=_terminate_with_parent)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -124,10 +127,10 @@ class JupyterServer:
         except psutil.NoSuchProcess:
             processes = []
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            with _ignore_missing():
+            with contextlib.suppress(ProcessLookupError):  # already gone
                 os.killpg(self.process.pid, sig)
             for process in processes:
-                with _ignore_missing():
+                with contextlib.suppress(psutil.NoSuchProcess):
                     process.send_signal(sig)
             _, processes = psutil.wait_procs(processes, timeout=grace)
             if not processes:
@@ -162,14 +165,11 @@ class JupyterServer:
         return "\n".join(text.splitlines()[-lines:])
 
 
-class _ignore_missing:
-    """`with _ignore_missing():` a signal to a process that has already exited is not an error."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, traceback) -> bool:
-        return kind is not None and issubclass(kind, ProcessLookupError | psutil.NoSuchProcess)
+def _terminate_with_parent() -> None:
+    """In the server's process before exec: Linux sends it SIGTERM when the test process dies, even by
+    SIGKILL, so no server outlives its tests (and the server's SIGTERM handler shuts its kernels down)."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def prepare_notebook(source: pathlib.Path, destination: pathlib.Path, parameters: dict) -> pathlib.Path:
@@ -184,20 +184,24 @@ def prepare_notebook(source: pathlib.Path, destination: pathlib.Path, parameters
     return destination
 
 
-_PAGE_ERRORS_JS = """([stderr, widget, pattern]) => {
+# Error outputs render as stderr text (traceback or "ename: evalue"), in cells and widget output areas;
+# a widget the front end cannot show leaves its "Error displaying widget" text instead.
+_PAGE_ERRORS_JS = """([stderr, pattern]) => {
     const error = new RegExp(pattern, "m");
-    const texts = [...document.querySelectorAll(`.jp-OutputArea-output[data-mime-type="${stderr}"]`)]
+    const texts = [...document.querySelectorAll(`[data-mime-type="${stderr}"]`)]
         .map(node => node.innerText.trim()).filter(text => error.test(text));
-    const widgets = [...document.querySelectorAll(`.jp-OutputArea-output[data-mime-type="${widget}"]`)]
+    const widgets = [...document.querySelectorAll(".jp-OutputArea-output")]
         .map(node => node.innerText.trim()).filter(text => text.startsWith("Error displaying widget"));
     return [...texts, ...widgets];
 }"""
 
 _PROMPTS_JS = "() => [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].map(p => p.innerText.trim())"
 
-_FIGURES_JS = """(mime) => [...document.querySelectorAll(`.jp-OutputArea-output[data-mime-type="${mime}"]`)]
+# Plotly outputs are drawn by jupyterlab-plotly's renderer (.jp-RenderedPlotly), in cells and in
+# widget output areas alike; the renderer's node becomes the plot (.js-plotly-plot) once drawn.
+_FIGURES_JS = """() => [...document.querySelectorAll(".jp-RenderedPlotly")]
     .map((output, index) => {
-        const plot = output.querySelector(".js-plotly-plot");
+        const plot = output.matches(".js-plotly-plot") ? output : output.querySelector(".js-plotly-plot");
         const box = plot ? plot.getBoundingClientRect() : {width: 0, height: 0};
         return {
             index,
@@ -205,15 +209,15 @@ _FIGURES_JS = """(mime) => [...document.querySelectorAll(`.jp-OutputArea-output[
             svg: Boolean(plot && plot.querySelector("svg.main-svg")),
             gl: Boolean(plot && plot.querySelector("canvas")),
             traces: plot && plot.data ? plot.data.length : 0,
-            drawn: plot ? plot.querySelectorAll(".plot .trace, .plot path, .hm image, .heatmaplayer image").length : 0,
             width: box.width,
             height: box.height,
             title: plot && plot.layout && plot.layout.title ? String(plot.layout.title.text || "") : "",
         };
     })"""
 
-# What a figure shows: its data (typed arrays as lists), title and shapes, and the markup of its
-# drawn plot area. Two states differ when a person would see a different figure.
+# What a figure shows: its data (typed arrays as lists), title and shapes, and the geometry it drew
+# (trace paths, heatmap images, shapes; not the hover layer). Two states differ when a person would
+# see a different figure.
 _FIGURE_STATE_JS = """(plot) => {
     const plain = (key, value) => ArrayBuffer.isView(value) ? Array.from(value) : value;
     const layout = plot.layout || {};
@@ -221,20 +225,22 @@ _FIGURE_STATE_JS = """(plot) => {
         data: plot.data,
         title: layout.title ? layout.title.text : null,
         shapes: layout.shapes || [],
-        svg: [...plot.querySelectorAll("svg.main-svg")].map(svg => svg.innerHTML.length + ":" +
-             [...svg.querySelectorAll(".plot path, .plot image, .shapelayer path")]
-                 .map(node => node.getAttribute("d") || node.getAttribute("href") || "").join("|")),
+        drawn: [...plot.querySelectorAll(".plot path, .plot image, .shapelayer path")]
+            .map(node => node.getAttribute("d") || node.getAttribute("href") || ""),
     }, plain);
 }"""
 
 
 class LabNotebook:
-    """One notebook open in JupyterLab in a Playwright `page`; `run_dir` is the folder its run writes to."""
+    """One notebook open in JupyterLab in a Playwright `page`; `run_dir` is the folder its run writes to.
+    `page_errors` collects the page's uncaught JavaScript errors (a renderer that crashed)."""
 
     def __init__(self, page, server: JupyterServer, relative_path: str | os.PathLike,
                  run_dir: pathlib.Path | None = None):
         self.page, self.server, self.relative_path = page, server, pathlib.PurePosixPath(relative_path)
         self.run_dir = run_dir
+        self.page_errors: list[str] = []
+        page.on("pageerror", lambda error: self.page_errors.append(str(error)))
 
     def open(self, timeout: float = 120.0) -> LabNotebook:
         """Load JupyterLab with the notebook and wait until its kernel is idle."""
@@ -293,18 +299,18 @@ class LabNotebook:
 
     def error_outputs(self) -> list[str]:
         """The text of every output on the page that shows an error (cells and widget output areas)."""
-        texts = self.page.evaluate(_PAGE_ERRORS_JS, [STDERR_MIME, WIDGET_MIME, ERROR_TEXT.pattern])
+        texts = self.page.evaluate(_PAGE_ERRORS_JS, [STDERR_MIME, ERROR_TEXT.pattern])
         return list(dict.fromkeys(texts))
 
     def figures(self) -> list[dict]:
         """Every plotly output on the page: whether a plot with an SVG or a GL canvas was drawn, its size and traces."""
-        return self.page.evaluate(_FIGURES_JS, PLOTLY_MIME)
+        return self.page.evaluate(_FIGURES_JS)
 
     def wait_for_figures(self, count: int, timeout: float = 60.0) -> None:
         """Wait until at least `count` plotly outputs have drawn their SVG."""
         self.page.wait_for_function(
-            "([mime, count]) => [...document.querySelectorAll(`.jp-OutputArea-output[data-mime-type=\"${mime}\"]"
-            " .js-plotly-plot svg.main-svg`)].length >= count", arg=[PLOTLY_MIME, count], timeout=timeout * 1000)
+            "(count) => document.querySelectorAll('.jp-RenderedPlotly svg.main-svg').length >= count",
+            arg=count, timeout=timeout * 1000)
 
     def figure_state(self, scope) -> str | None:
         """What the plotly figure inside `scope` (a locator) shows now, as a string; None without one."""
@@ -317,6 +323,10 @@ class LabNotebook:
         """The ipywidgets control labelled `description` inside `scope`."""
         return scope.locator(".widget-inline-hbox").filter(
             has=self.page.locator(f'label.widget-label:text-is("{description}")'))
+
+    def widget_box(self, scope, heading: str):
+        """The box of widgets inside `scope` that shows the text `heading` (a config panel's class name)."""
+        return scope.locator(".widget-vbox").filter(has=self.page.get_by_text(heading, exact=True))
 
     def press_slider(self, scope, description: str, key: str = "ArrowRight", times: int = 1) -> None:
         """Focus the handle of slider `description` and press `key` (ArrowRight, ArrowLeft, End, Home)."""
@@ -357,7 +367,9 @@ class Screenshots:
     def save(self, locator, name: str) -> pathlib.Path:
         """Screenshot `locator` (a Playwright locator) as `<name>.png`; returns the run-directory copy."""
         path = self.run_dir / f"{name}.png"
-        locator.screenshot(path=path, animations="disabled")
+        # centred in the viewport, clear of JupyterLab's sticky toolbar at the top of the notebook
+        locator.evaluate("node => node.scrollIntoView({block: 'center'})")
+        locator.page.screenshot(path=path, clip=locator.bounding_box(), animations="disabled")
         if self.docs_dir is not None:
             size = path.stat().st_size
             if size > self.max_docs_bytes:
@@ -369,9 +381,10 @@ class Screenshots:
 
 
 def problems_on_page(notebook: LabNotebook, min_figures: int = 0) -> list[str]:
-    """What a person would see as broken: error outputs, plotly outputs without a drawn plot,
-    fewer plotly figures than `min_figures`."""
+    """What a person would see as broken: error outputs, plotly outputs without a drawn plot (or
+    drawn tiny, or empty), fewer plotly figures than `min_figures`, uncaught JavaScript errors."""
     problems = [f"error output: {_first_lines(text)}" for text in notebook.error_outputs()]
+    problems += [f"JavaScript error: {error}" for error in notebook.page_errors]
     figures = notebook.figures()
     for figure in figures:
         if not (figure["plot"] and (figure["svg"] or figure["gl"])):
@@ -386,24 +399,26 @@ def problems_on_page(notebook: LabNotebook, min_figures: int = 0) -> list[str]:
     return problems
 
 
-def problems_after_widget_change(notebook: LabNotebook, scope, change, what: str, timeout: float = 20.0) -> list[str]:
-    """Call `change()` (moves a widget inside `scope`) and report what went wrong: the figure in
-    `scope` did not change within `timeout` seconds, or an error output appeared.
+def problems_after_widget_change(notebook: LabNotebook, scope, change, what: str, timeout: float = 20.0,
+                                 read=None) -> list[str]:
+    """Call `change()` (it moves a widget inside `scope`) and report what went wrong: what `scope`
+    shows did not change within `timeout` seconds, or an error output appeared on the page.
 
-    A callback that raises inside an Output widget shows a traceback (an error output); one that
-    raises outside it shows nothing and leaves the old figure: both are reported.
+    `read()` returns what `scope` shows (default: the state of its plotly figure). A callback that
+    raises inside an Output widget shows a traceback (an error output); one that raises outside
+    any output area shows nothing and leaves the old view: both are reported.
     """
+    read = read or (lambda: notebook.figure_state(scope))
     before_errors = set(notebook.error_outputs())
-    before = notebook.figure_state(scope)
+    before = read()
     if before is None:
-        return [f"{what}: no plotly figure to watch before the change"]
+        return [f"{what}: nothing to watch before the change (no figure in the cell)"]
     change()
-    problems = []
+    problems, after = [], before
     deadline = time.monotonic() + timeout
-    after = before
     while time.monotonic() < deadline:
         notebook.wait_until_idle(timeout)
-        after = notebook.figure_state(scope)
+        after = read()
         new_errors = [text for text in notebook.error_outputs() if text not in before_errors]
         if new_errors:
             problems += [f"{what}: error output: {_first_lines(text)}" for text in new_errors]
@@ -412,9 +427,64 @@ def problems_after_widget_change(notebook: LabNotebook, scope, change, what: str
             break
         notebook.page.wait_for_timeout(250)
     if after is None:
-        problems.append(f"{what}: the figure disappeared")
+        problems.append(f"{what}: the view disappeared")
     elif after == before:
-        problems.append(f"{what}: the figure did not change within {timeout:.0f} s")
+        problems.append(f"{what}: the view did not change within {timeout:.0f} s")
+    return problems
+
+
+_STATIC_PAGE_JS = """() => [...document.querySelectorAll(".js-plotly-plot")].map(plot => {
+    const box = plot.getBoundingClientRect();
+    return {svg: Boolean(plot.querySelector("svg.main-svg")), gl: Boolean(plot.querySelector("canvas")),
+            traces: plot.data ? plot.data.length : 0, width: box.width, height: box.height};
+})"""
+
+
+def open_static_page(page, path: pathlib.Path) -> list[str]:
+    """Open a saved figure page via file:// with every other scheme blocked; returns the blocked addresses."""
+    blocked = []
+
+    def only_files(route):
+        if route.request.url.startswith("file://"):
+            route.continue_()
+        else:
+            blocked.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_files)
+    page.goto(pathlib.Path(path).resolve().as_uri(), wait_until="load")
+    return blocked
+
+
+def problems_in_static_page(page, path: pathlib.Path, traces: int | None = None) -> list[str]:
+    """Open `path` (a `gdn_lab.viz.save_html` page) in `page` without a server or network, and report
+    what a reader would see as broken: plotly.js not loaded, no figure drawn, fewer traces than
+    `traces`, a figure drawn too small, JavaScript errors, requests that left the file system."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    blocked = open_static_page(page, path)
+    problems = [f"{path.name}: request outside the file system: {url}" for url in blocked]
+    if not page.evaluate("() => typeof window.Plotly === 'object'"):
+        problems.append(f"{path.name}: plotly.js did not load (is plotly.min.js beside the page?)")
+    else:
+        try:
+            page.wait_for_function(
+                "() => document.querySelector('.js-plotly-plot svg.main-svg, .js-plotly-plot canvas')", timeout=30_000)
+        except PlaywrightTimeoutError:
+            problems.append(f"{path.name}: plotly.js loaded but drew nothing within 30 s")
+    plots = page.evaluate(_STATIC_PAGE_JS)
+    if not plots:
+        problems.append(f"{path.name}: no plotly figure on the page")
+    for plot in plots:
+        if not (plot["svg"] or plot["gl"]):
+            problems.append(f"{path.name}: a figure drew no SVG or GL canvas")
+        elif plot["width"] < 50 or plot["height"] < 50:
+            problems.append(f"{path.name}: a figure is drawn {plot['width']:.0f} x {plot['height']:.0f} px")
+        if traces is not None and plot["traces"] != traces:
+            problems.append(f"{path.name}: {plot['traces']} traces drawn, the figure has {traces}")
+    problems += [f"{path.name}: JavaScript error: {error}" for error in errors]
     return problems
 
 

@@ -84,7 +84,6 @@ def cell(notebook, name: str):
 def test_every_figure_renders_and_no_error_before_any_widget_moves(notebook):
     notebook.wait_for_figures(len(CELLS))
     assert problems_on_page(notebook, min_figures=len(CELLS)) == []
-    assert notebook.page.errors == []
 
 
 def test_probe_explorer_redraws_for_layer_head_time_and_view(notebook):
@@ -102,7 +101,6 @@ def test_probe_explorer_redraws_for_layer_head_time_and_view(notebook):
                                              "time one step on")
     assert problems == []
     assert notebook.slider_readout(explorer, "head") == "1"
-    assert notebook.page.errors == []
 
 
 def test_slider_redraws_a_viz_figure(notebook):
@@ -131,5 +129,5 @@ def test_detects_a_callback_that_fails_silently(notebook):
     silent = cell(notebook, "silent_wave")
     problems = problems_after_widget_change(notebook, silent, lambda: notebook.press_slider(silent, "frequency"),
                                             "frequency 1 -> 2", timeout=5)
-    assert problems == ["frequency 1 -> 2: the figure did not change within 5 s"]
+    assert problems == ["frequency 1 -> 2: the view did not change within 5 s"]
     assert notebook.slider_readout(silent, "frequency") == "2"  # the slider moved; only its callback failed

@@ -1,0 +1,101 @@
+"""What the benchmark scripts share: their command line, their environment line, device memory and
+synchronisation, and the models that decode.py and train_throughput.py compare.
+
+The scripts import it as `benchmarks.common` after putting the repository root on `sys.path`, so
+they run as `python benchmarks/<name>.py`, under torchrun, or loaded from a file by the GPU tests.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import pathlib
+
+import torch
+
+from gdn_lab.config import ModelConfig, get_preset
+from gdn_lab.env import fla_unavailable_reason
+from gdn_lab.models import build_model, to_fla
+
+
+def benchmark_parser(doc: str, smoke_help: str, dtype: bool = True) -> argparse.ArgumentParser:
+    """A parser described by the first paragraph of `doc`, with the options every benchmark takes:
+    --smoke, --device, --dtype (unless `dtype` is False), --seed and --out."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help=smoke_help)
+    parser.add_argument("--device", default="auto", help="auto | cuda | cpu")
+    if dtype:
+        parser.add_argument("--dtype", default="auto",
+                            help="auto (bf16 on Ampere+ GPUs, fp32 on the CPU) | float32 | ...")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=pathlib.Path, help="results JSON (gdn_lab.results.save_results)")
+    return parser
+
+
+def environment_line(report: dict, dtype: torch.dtype | str, world_size: int | None = None) -> str:
+    """One log line from `gdn_lab.env.environment_report`: device (x world size), versions, GDN backend, dtype."""
+    devices = report["device_name"] if world_size is None else f"{report['device_name']} x {world_size}"
+    return (f"{devices} | torch {report['torch']} | triton {report['triton']} | "
+            f"fla {report['flash-linear-attention']} | gdn backend {report['backend']} | "
+            f"{str(dtype).removeprefix('torch.')}")
+
+
+def fmt(value: float | None, spec: str) -> str:
+    """`value` formatted by `spec` for a table cell, '-' where there is none (out of memory, skipped)."""
+    return "-" if value is None else format(value, spec)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work (nothing to wait for on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    """Collect garbage and hand cached GPU blocks back, so one cell's leftovers do not count in the next."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def reset_peak(device: torch.device) -> None:
+    """Start a new peak-memory measurement (GPU only)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_mib(device: torch.device) -> float | None:
+    """Peak allocated GPU memory since the last `reset_peak`, in MiB; None on the CPU."""
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def fla_small_configs(smoke: bool, vocab_size: int, backend: str = "auto") -> dict[str, ModelConfig]:
+    """GDN and transformer configs: FLA's 'small' (768d x 12L, 12 heads x 64), or 64d x 2L for --smoke."""
+    base = get_preset("fla-small").model.replace(vocab_size=vocab_size, max_position_embeddings=65536,
+                                                 backend=backend)
+    if smoke:
+        base = base.replace(hidden_size=64, num_layers=2, num_heads=2, head_dim=16, attn_num_heads=2)
+    return {"gdn": base, "transformer": base.replace(attn_layers="transformer")}
+
+
+def compared_models(configs: dict[str, ModelConfig], names: list[str], device: torch.device,
+                    dtype: torch.dtype | None = None) -> tuple[dict[str, torch.nn.Module], dict[str, str]]:
+    """Of `names`: 'gdn' (gdn_lab's LM from configs['gdn']), 'fla' (FLA's GatedDeltaNetForCausalLM with
+    the GDN model's weights, where FLA can run) and 'transformer' (configs['transformer']), on `device`
+    in `dtype` (None: as built, fp32). The GDN model is always built first, so the transformer's
+    weights do not depend on `names`; seed torch before calling.
+
+    Returns (name -> model, in that order; name -> note "skipped: <why>" for those that cannot run)."""
+    models: dict[str, torch.nn.Module] = {}
+    notes: dict[str, str] = {}
+    gdn = build_model(configs["gdn"]).to(device=device, dtype=dtype)
+    if "gdn" in names:
+        models["gdn"] = gdn
+    if "fla" in names:
+        reason = fla_unavailable_reason(device.type)
+        if reason:
+            notes["fla"] = f"skipped: {reason}"
+        else:
+            models["fla"] = to_fla(gdn)
+    if "transformer" in names:
+        models["transformer"] = build_model(configs["transformer"]).to(device=device, dtype=dtype)
+    return models, notes
