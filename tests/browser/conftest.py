@@ -55,7 +55,10 @@ def browser():
     from playwright.sync_api import sync_playwright
 
     if not CHROMIUM.is_file():
-        pytest.skip(f"no Chromium at {CHROMIUM}: run .ci/install_browser.sh (or set GDN_LAB_CHROMIUM)")
+        message = f"no Chromium at {CHROMIUM}: run .ci/install_browser.sh (or set GDN_LAB_CHROMIUM)"
+        if os.environ.get("GDN_LAB_REQUIRE_BROWSER"):  # CI: the tier must run, never skip
+            pytest.fail(message)
+        pytest.skip(message)
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:

@@ -367,8 +367,9 @@ class Screenshots:
     def save(self, locator, name: str) -> pathlib.Path:
         """Screenshot `locator` (a Playwright locator) as `<name>.png`; returns the run-directory copy."""
         path = self.run_dir / f"{name}.png"
-        # centred in the viewport, clear of JupyterLab's sticky toolbar at the top of the notebook
+        # centred in the viewport, clear of JupyterLab's toolbar; the mouse away, so no plotly modebar shows
         locator.evaluate("node => node.scrollIntoView({block: 'center'})")
+        locator.page.mouse.move(0, 0)
         locator.page.screenshot(path=path, clip=locator.bounding_box(), animations="disabled")
         if self.docs_dir is not None:
             size = path.stat().st_size
