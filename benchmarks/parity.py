@@ -16,9 +16,13 @@ layer alike). So bf16 runs are judged (a) against the fp32 reference with the bu
 max(FLA's tolerance, 1.25 x FLA's own layer's bf16 error), and (b) gdn_lab's fla backend against
 FLA's layer, both bf16, at FLA's tolerances. Where FLA's layer cannot run, bf16 is reported only.
 
-On CUDA it also times a training step (forward + backward, bf16) of the layer for each
-implementation, and of a 12-layer LM: gdn_lab's CausalLM on the fla backend vs FLA's
-GatedDeltaNetForCausalLM with the same weights.
+On CUDA it also times a training step (forward + backward, bf16 weights) of the layer for each
+implementation, and a training step without the optimizer (zero_grad, forward with the loss,
+backward) of a 12-layer LM: gdn_lab's CausalLM on the fla backend vs FLA's
+GatedDeltaNetForCausalLM, same weights, same tokens, each in two regimes: "autocast" (fp32 weights
+under bf16 autocast, as gdn_lab.train runs) and "bf16" (weights cast to bf16, no autocast). One
+profiled step per model and regime records the GPU time summed over its kernels and the number
+of kernels: next to the wall time it says whether a step waits on the GPU or on the host.
 
     python benchmarks/parity.py --out benchmarks/results/parity_h100.json   # CUDA GPU
     python benchmarks/parity.py --device cpu --smoke                         # CPU plumbing check
@@ -48,6 +52,7 @@ OUTPUT_TOL, QKV_TOL, GATE_TOL = 5e-3, 8e-3, 2e-2
 GATE_PARAMETERS = ("b_proj.weight", "a_proj.weight", "A_log", "dt_bias")  # gradients through beta and g
 BF16_SLACK = 1.25  # a bf16 layer may miss the fp32 reference by up to 1.25x what FLA's own layer does
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+REGIMES = ("autocast", "bf16")  # LM timings: fp32 weights under bf16 autocast | bf16 weights
 FULL_SHAPE = dict(hidden_size=768, num_heads=12, head_dim=64, expand_v=2.0, seq_len=2048, batch_size=2)
 SMOKE_SHAPE = dict(hidden_size=64, num_heads=2, head_dim=16, expand_v=2.0, seq_len=100, batch_size=2)
 
@@ -152,32 +157,55 @@ def layer_timings(runnable: dict, x: torch.Tensor, dy: torch.Tensor, iters: int)
                     if name != "gdn_lab-torch-recurrent"}, iters)
 
 
+def kernel_profile(step, top: int = 8) -> dict:
+    """One profiled call of `step()`: the GPU time summed over the kernels (and copies) it ran, in ms,
+    how many it launched, and the `top` of them by time as [name, calls, ms]."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kernels = sorted((e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.self_device_time_total, reverse=True)
+    return {"gpu_ms": sum(e.self_device_time_total for e in kernels) / 1e3,
+            "kernels": sum(e.count for e in kernels),
+            "top": [[e.key[:100], e.count, e.self_device_time_total / 1e3] for e in kernels[:top]]}
+
+
 def model_timings(shape: dict, device: torch.device, iters: int, num_layers: int = 12,
-                  vocab_size: int = 32000) -> dict[str, float]:
-    """Training-step time (bf16 autocast, fp32 weights, loss + backward) of a pure-GDN LM:
-    gdn_lab's CausalLM on the fla backend vs FLA's GatedDeltaNetForCausalLM, same weights."""
+                  vocab_size: int = 32000) -> tuple[dict[str, float], dict[str, dict]]:
+    """Training step without the optimizer (zero_grad, forward with the loss, backward) of a pure-GDN
+    LM: gdn_lab's CausalLM on the fla backend vs FLA's GatedDeltaNetForCausalLM, same weights, same
+    [B, T] inputs, in each of REGIMES. Returns ({"<model> <regime>": median ms}, {same keys: kernel_profile})."""
     from gdn_lab.models import build_model, to_fla
 
     config = ModelConfig(vocab_size=vocab_size, hidden_size=shape["hidden_size"], num_layers=num_layers,
                          num_heads=shape["num_heads"], head_dim=shape["head_dim"], expand_v=shape["expand_v"],
                          backend="fla")
     torch.manual_seed(0)
-    ours = build_model(config, device=device)
-    theirs = to_fla(ours)
+    ours = {"autocast": build_model(config, device=device)}
+    ours["bf16"] = copy.deepcopy(ours["autocast"]).to(torch.bfloat16)
     ids = torch.randint(0, vocab_size, (shape["batch_size"], shape["seq_len"] + 1), device=device)
     inputs, targets = ids[:, :-1], ids[:, 1:]
 
-    def ours_step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = ours(inputs, targets=targets)
-        loss.backward()
+    def training_step(model, loss_of, autocast: bool):
+        def step():
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                loss = loss_of(model)
+            loss.backward()
+        return step
 
-    def theirs_step():  # FLA shifts labels itself: give it the sequence one longer
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = theirs(input_ids=ids, labels=ids).loss
-        loss.backward()
-
-    return time_ms({"gdn_lab-fla": ours_step, "fla-model": theirs_step}, iters)
+    steps = {}
+    for regime in REGIMES:
+        steps[f"gdn_lab-fla {regime}"] = training_step(ours[regime], lambda m: m(inputs, targets=targets),
+                                                       autocast=regime == "autocast")
+        # FLA shifts the labels itself (its last position is ignored): the same T tokens, logits and kernels
+        steps[f"fla-model {regime}"] = training_step(to_fla(ours[regime]),
+                                                     lambda m: m(input_ids=inputs, labels=inputs).loss,
+                                                     autocast=regime == "autocast")
+    timings = time_ms(steps, iters)
+    return timings, {name: kernel_profile(step) for name, step in steps.items()}
 
 
 def judged_comparisons(outputs: dict) -> list[dict]:
@@ -227,7 +255,8 @@ def run(device: torch.device, shape: dict, seed: int, timing_iters: int) -> dict
     if device.type == "cuda" and timing_iters > 0:
         results["layer_train_step_ms"] = layer_timings(runnable, x, dy, timing_iters)
         if not skipped:
-            results["model_train_step_ms"] = model_timings(shape, device, timing_iters)
+            timings, profiles = model_timings(shape, device, timing_iters)
+            results.update(model_train_step_ms=timings, model_step_profile=profiles)
     return results
 
 
@@ -243,6 +272,10 @@ def report(results: dict) -> str:
     for key in ("layer_train_step_ms", "model_train_step_ms"):
         if key in results:
             lines.append(f"{key}: " + ", ".join(f"{k} {v:.2f}" for k, v in results[key].items()))
+    for name, profile in results.get("model_step_profile", {}).items():
+        lines.append(f"{name}: wall {results['model_train_step_ms'][name]:.1f} ms, GPU {profile['gpu_ms']:.1f} ms "
+                     f"in {profile['kernels']} kernels; top: "
+                     + ", ".join(f"{k[:40]} x{n} {ms:.1f}" for k, n, ms in profile["top"][:4]))
     return "\n".join(lines)
 
 

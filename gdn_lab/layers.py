@@ -341,10 +341,12 @@ class GatedDeltaNet(KernelBackend, nn.Module):
             beta, gate_kwargs = beta.to(v.dtype), {}
         kernel = (fused_recurrent_gated_delta_rule if x.shape[1] <= 64 and not torch.is_grad_enabled()
                   else chunk_gated_delta_rule)
+        # The state layout is a compile-time switch of the kernels. With no state in or out (training),
+        # take FLA's own layer's [V, K] variants, so both run the same kernels; a carried state is [K, V].
         o, final_state = kernel(q=q, k=k, v=v, g=g, beta=beta,
                                 initial_state=None if state is None else state.recurrent,
                                 output_final_state=state is not None, use_qk_l2norm_in_kernel=True,
-                                state_v_first=False, **gate_kwargs)
+                                state_v_first=state is None, **gate_kwargs)
         if state is not None:
             state.update(conv_state, final_state)
         return self.finish(o, x), state

@@ -20,6 +20,7 @@ from gdn_lab.results import load_json
 PARITY_SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "parity.py"
 FLA_OUTPUT_TOL = 5e-3
 MAX_SLOWDOWN = 1.15  # gdn_lab's fla backend vs FLA's own model, training-step time
+MAX_EXTRA_KERNELS = 1.01  # kernels launched per training step, gdn_lab's fla backend vs FLA's model
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -64,13 +65,18 @@ def test_parity_script_smoke_on_cpu(tmp_path):
 @needs_cuda
 def test_parity_script_meets_fla_tolerances(tmp_path):
     out = tmp_path / "parity.json"
-    parity_module().main(["--out", str(out)])
+    parity = parity_module()
+    parity.main(["--out", str(out)])
     results = load_json(out)["results"]
     assert not results["skipped"], results["skipped"]
     problems = failures(results)
     assert not problems, "\n".join(problems)
-    model_ms = results["model_train_step_ms"]
-    assert model_ms["gdn_lab-fla"] <= MAX_SLOWDOWN * model_ms["fla-model"], model_ms
+    model_ms, profiles = results["model_train_step_ms"], results["model_step_profile"]
+    for regime in parity.REGIMES:
+        ours, theirs = f"gdn_lab-fla {regime}", f"fla-model {regime}"
+        assert model_ms[ours] <= MAX_SLOWDOWN * model_ms[theirs], model_ms
+        assert profiles[ours]["kernels"] <= MAX_EXTRA_KERNELS * profiles[theirs]["kernels"], {
+            name: profile["kernels"] for name, profile in profiles.items()}
 
 
 @gpu

@@ -191,3 +191,84 @@ def test_to_fla_refuses_models_fla_cannot_hold():
         to_fla(model_with(attn_layers=(1,)))
     with pytest.raises(ConfigError, match="use_decay"):
         to_fla(model_with(use_decay=False))
+
+
+def _described(value):
+    """A kernel argument as the comparison below sees it: a tensor by shape and dtype, the rest by value."""
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape), value.dtype
+    if isinstance(value, dict):
+        return {key: _described(item) for key, item in value.items()}
+    return value
+
+
+def test_fla_backend_calls_fla_kernels_as_fla_model_does(monkeypatch):
+    """The fla backend calls FLA's kernel entry points exactly as GatedDeltaNetForCausalLM (fuse_norm,
+    fuse_swiglu, fuse_cross_entropy) does: same functions, order, flags and argument shapes. The kernels
+    need CUDA, so each entry point becomes a shape-true stand-in that records its arguments, bound to
+    the real signature with its defaults."""
+    pytest.importorskip("fla.models")
+    import importlib
+    import inspect
+
+    from torch import nn
+
+    import gdn_lab.layers
+
+    calls = []
+
+    def recording(name, real, stand_in):
+        signature = inspect.signature(real)
+
+        def call(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            calls.append((name, _described(dict(bound.arguments))))
+            return stand_in(bound.arguments)
+        return call
+
+    real_loss = importlib.import_module("fla.modules.fused_cross_entropy").FusedCrossEntropyLoss
+
+    class RecordedLoss(nn.Module):
+        def __init__(self, *args, **kwargs):
+            super().__init__()
+            bound = inspect.signature(real_loss).bind(*args, **kwargs)
+            bound.apply_defaults()
+            self.ignore_index = bound.arguments["ignore_index"]
+            calls.append(("FusedCrossEntropyLoss", dict(bound.arguments)))
+
+        def forward(self, logits, target):
+            calls.append(("FusedCrossEntropyLoss.forward", _described({"logits": logits, "target": target})))
+            return F.cross_entropy(logits, target, ignore_index=self.ignore_index)
+
+    stand_ins = {  # name: (where gdn_lab looks it up, where FLA's model does, stand-in on the bound arguments)
+        "rms_norm": ("fla.modules.norm.layernorm", "fla.modules.norm.layernorm",
+                     lambda a: (a["x"], a["x"] + a["residual"]) if a["prenorm"] else a["x"]),
+        "rms_norm_gated": ("fla.modules.norm.fused_norm_gate", "fla.modules.norm.fused_norm_gate", lambda a: a["x"]),
+        "swiglu_linear": ("fla.modules.activations", "fla.modules.mlp",
+                          lambda a: F.linear(a["x"] * a["y"], a["weight"], a["bias"])),
+        "causal_conv1d": ("fla.modules.convolution", "fla.layers.gated_deltanet", lambda a: (a["x"], None)),
+        "chunk_gated_delta_rule": ("fla.ops.gated_delta_rule", "fla.layers.gated_deltanet", lambda a: (a["v"], None)),
+    }
+    for name, (ours_home, fla_home, stand_in) in stand_ins.items():
+        recorded = recording(name, getattr(importlib.import_module(ours_home), name), stand_in)
+        for home in {ours_home, fla_home}:
+            monkeypatch.setattr(importlib.import_module(home), name, recorded)
+    for home in ("fla.modules.fused_cross_entropy", "fla.models.modeling_utils"):
+        monkeypatch.setattr(importlib.import_module(home), "FusedCrossEntropyLoss", RecordedLoss)
+    monkeypatch.setattr(gdn_lab.layers, "resolve_backend", lambda backend, device: "fla")
+    monkeypatch.setattr(gdn_lab.layers, "check_training_backend", lambda backend, device: None)
+
+    model = model_with(backend="fla")
+    ids = token_ids(2, 80)
+    model(ids, targets=ids)
+    ours, calls[:] = list(calls), []
+    to_fla(model)(input_ids=ids, labels=ids)
+    per_layer = ["rms_norm", "causal_conv1d", "chunk_gated_delta_rule", "rms_norm_gated", "rms_norm", "swiglu_linear"]
+    assert [name for name, _ in ours] == per_layer * TINY["num_layers"] + [
+        "rms_norm", "FusedCrossEntropyLoss", "FusedCrossEntropyLoss.forward"]
+    assert len(ours) == len(calls)
+    for (name, args), (fla_name, fla_args) in zip(ours, calls, strict=True):
+        assert name == fla_name
+        assert args == fla_args, {key: (args.get(key), fla_args.get(key))
+                                  for key in args.keys() | fla_args.keys() if args.get(key) != fla_args.get(key)}
