@@ -48,6 +48,24 @@ def check_01_layer_internals(m: dict) -> None:
         assert 0.0 <= m[key] <= 1.0, (key, m[key])
 
 
+def check_02_toy_tasks(m: dict) -> None:
+    smoke = SMOKE["02_toy_tasks"]
+    names = ["GDN", "Transformer", "DeltaNet", "Hybrid"]
+    assert m["models"] == names
+    for name in names:
+        assert list(m["mqar_accuracy"][name]) == [str(t) for t in smoke["mqar_lengths"]]
+        assert all(0 <= a <= 1 for a in m["mqar_accuracy"][name].values())
+        assert 0 <= m["copy_accuracy"][name] <= 1 and 0 <= m["copy_exact_match"][name] <= 1
+        assert m["copy_longest"][name] in [0, *smoke["copy_eval_lengths"]]
+    assert set(m["state_accuracy"]) == ({f"H2xK{k}" for k in smoke["state_head_dims"]}
+                                        | {f"H{h}xK8" for h in smoke["state_num_heads"]})
+    vocab = smoke["mqar_vocab_size"]
+    assert math.isclose(m["mqar_chance"], 1 / (vocab - vocab // 2))
+    assert math.isclose(m["copy_chance"], 1 / (smoke["copy_vocab_size"] - 2))
+    state_runs = len(smoke["state_head_dims"]) + len(smoke["state_num_heads"])
+    assert m["runs"] == 4 * len(smoke["mqar_lengths"]) + state_runs + 1 + 4
+
+
 def check_03_lm_training(m: dict) -> None:
     assert m["device"] == "cpu" and m["backend"] == "torch"
     assert abs(m["initial_train_loss"] - math.log(m["vocab_size"])) < 0.1, m["initial_train_loss"]
@@ -106,6 +124,7 @@ def check_06_benchmarks(m: dict) -> None:
 CHECKS = {
     "00_quickstart": check_00_quickstart,
     "01_layer_internals": check_01_layer_internals,
+    "02_toy_tasks": check_02_toy_tasks,
     "03_lm_training": check_03_lm_training,
     "04_hybrids": check_04_hybrids,
     "05_long_context": check_05_long_context,
