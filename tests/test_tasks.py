@@ -171,17 +171,7 @@ def test_batch_is_the_data_module_batch():
     assert isinstance(copy_task(1, 4, 8), Batch)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared, loaded CPU two threads
-    waiting on each other made the training test 7x slower (145 s against 21 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_tiny_gdn_learns_copy_above_chance(tmp_path, one_thread):
+def test_tiny_gdn_learns_copy_above_chance(tmp_path):
     """The real model and the one training loop: 60 steps of a 2-layer, 32-wide GDN on strings
     of 1..4 tokens over 8 symbols (chance 1/8) take a few seconds on the CPU."""
     data = TaskData("copy", vocab_size=10, seq_len=8, seed=0, min_length=1, max_length=4)
@@ -198,7 +188,7 @@ def test_tiny_gdn_learns_copy_above_chance(tmp_path, one_thread):
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"] - 0.5
 
 
-def test_sweep_trains_each_point_and_records_its_settings(tmp_path, one_thread):
+def test_sweep_trains_each_point_and_records_its_settings(tmp_path):
     configs = tasks.contender_configs(vocab_size=16, hidden_size=16, num_layers=2, num_heads=2, head_dim=8,
                                       attn_num_heads=2, backend="torch")
     assert [c.mixers for c in configs.values()] == [("gdn", "gdn"), ("attn", "attn"), ("gdn", "gdn"), ("gdn", "attn")]
