@@ -253,7 +253,7 @@ class CapturedDecoder:
             self._run_step()
         else:
             self.graph.replay()
-            self.cache.seen_tokens += 1
+            self.cache.seen_tokens += 1  # a replay runs the kernels only: advance the host-side count here
         return self.logits
 
 

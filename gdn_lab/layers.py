@@ -87,6 +87,7 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., dim], gate [..., dim] or None -> [..., dim] in x's dtype."""
         x32 = x.float()
         y = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps) * self.weight.float()
         if gate is not None:
@@ -126,6 +127,7 @@ class GDNState:
     recurrent: torch.Tensor
 
     def update(self, conv: torch.Tensor | None, recurrent: torch.Tensor) -> None:
+        """Store the new conv window (None: keep the old) and S [B, H, K, V]: in place under no_grad, else rebound."""
         if conv is not None:
             self.conv = _assign(self.conv, conv)
         self.recurrent = _assign(self.recurrent, recurrent)
@@ -180,7 +182,7 @@ class GatedDeltaNet(KernelBackend, nn.Module):
         self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
         self.v_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
-        if use_decay:
+        if use_decay:  # registered in FLA's order (a_proj, b_proj, A_log, dt_bias): same state_dict key order
             self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
         self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
         if use_decay:
@@ -209,6 +211,7 @@ class GatedDeltaNet(KernelBackend, nn.Module):
 
     @property
     def conv_dim(self) -> int:
+        """Channels of the short conv: q, k and v side by side (2 * key_dim + value_dim)."""
         return 2 * self.key_dim + self.value_dim
 
     def empty_state(self, batch_size: int, device: torch.device | str | None = None,
@@ -482,6 +485,7 @@ class MLP(KernelBackend, nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., D] -> [..., D]."""
         gate, up = self.gate_proj(x), self.up_proj(x)
         if self.kernel_backend(x.device) == "fla":
             from fla.modules.activations import swiglu_linear

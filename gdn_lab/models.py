@@ -39,6 +39,7 @@ class Cache:
 
     @property
     def has_attention(self) -> bool:
+        """Whether any layer keeps a KVState (an attention layer)."""
         return any(isinstance(state, KVState) for state in self.states)
 
     def __len__(self) -> int:
@@ -86,6 +87,7 @@ class CausalLM(KernelBackend, nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """The device of the weights."""
         return self.lm_head.weight.device
 
     def num_params(self) -> int:
@@ -113,8 +115,8 @@ class CausalLM(KernelBackend, nn.Module):
         """
         T = input_ids.shape[1]
         mask = self._step_mask(attention_mask, T, cache)
-        if cache is not None and cache.has_attention and cache.max_len is not None \
-                and cache.seen_tokens + T > cache.max_len:
+        if (cache is not None and cache.has_attention and cache.max_len is not None
+                and cache.seen_tokens + T > cache.max_len):
             raise ValueError(f"the cache holds max_len={cache.max_len} tokens; {cache.seen_tokens} seen + {T} new "
                              f"do not fit: make the cache with a larger max_len")
         x = self.model.embeddings(input_ids)
@@ -193,14 +195,16 @@ def to_fla(model: CausalLM):
 
 
 def _model_config_from_fla(fla_config, backend: str) -> ModelConfig:
-    unsupported = {
-        "attn": (fla_config.attn, None), "num_v_heads": (fla_config.num_v_heads, (None, fla_config.num_heads)),
-        "hidden_act": (fla_config.hidden_act, "swish"), "attnres_block_size": (fla_config.attnres_block_size, None),
-        "output_gate_activation": (fla_config.output_gate_activation, ("swish", "silu")),
+    """The ModelConfig of FLA's GatedDeltaNetConfig; ConfigError for FLA options gdn_lab does not implement."""
+    supported = {  # FLA config field -> the values gdn_lab implements
+        "attn": (None,), "num_v_heads": (None, fla_config.num_heads), "hidden_act": ("swish",),
+        "attnres_block_size": (None,), "output_gate_activation": ("swish", "silu"),
     }
-    for name, (value, allowed) in unsupported.items():
-        if value not in (allowed if isinstance(allowed, tuple) else (allowed,)):
-            raise ConfigError(f"from_fla: {name}={value!r} is not supported by gdn_lab (supported: {allowed!r})")
+    for name, allowed in supported.items():
+        value = getattr(fla_config, name)
+        if value not in allowed:
+            raise ConfigError(f"from_fla: {name}={value!r} is not supported by gdn_lab; "
+                              f"use {' or '.join(map(repr, allowed))}")
     return ModelConfig(
         vocab_size=fla_config.vocab_size, hidden_size=fla_config.hidden_size, num_layers=fla_config.num_hidden_layers,
         num_heads=fla_config.num_heads, head_dim=fla_config.head_dim, expand_v=fla_config.expand_v,
@@ -227,12 +231,12 @@ def from_fla(fla_model, backend: str = "auto") -> CausalLM:
 def count_params(config: ModelConfig) -> int:
     """Parameters of `CausalLM(config)`, counted from the config alone (no weights allocated)."""
     D, hidden_mlp = config.hidden_size, config.mlp_intermediate_size
-    gdn_width = 2 * config.num_heads * config.head_dim + config.num_heads * config.head_v_dim
     value_dim = config.num_heads * config.head_v_dim
-    gdn = (D * gdn_width                                                    # q, k, v projections
+    qkv_dim = 2 * config.num_heads * config.head_dim + value_dim
+    gdn = (D * qkv_dim                                                      # q, k, v projections
            + D * config.num_heads                                           # b_proj
            + (D * config.num_heads + 2 * config.num_heads) * config.use_decay  # a_proj, A_log, dt_bias
-           + gdn_width * config.conv_size * config.use_short_conv            # q/k/v_conv1d
+           + qkv_dim * config.conv_size * config.use_short_conv              # q/k/v_conv1d
            + D * value_dim * config.use_gate                                # g_proj
            + config.head_v_dim + value_dim * D)                             # o_norm, o_proj
     attn_head_dim = D // config.attn_num_heads

@@ -32,7 +32,7 @@ from .layers import rotary
 FP32_TOLERANCE = 1e-4
 """Relative RMSE allowed between the probe's output and the torch backend's fp32 forward."""
 FLA_TOLERANCE = 5e-3
-"""... with the fla backend or a 16-bit model: FLA's own output tolerance against its naive recurrence."""
+"""Relative RMSE allowed with the fla backend or a 16-bit model: FLA's output tolerance against its naive recurrence."""
 
 
 class ProbeMismatch(RuntimeError):
@@ -197,6 +197,10 @@ def _megabytes(num_bytes: int) -> str:
     return f"{num_bytes / 2**20:.3g} MiB"
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _tolerance(layer, x: torch.Tensor) -> float:
     fp32_torch = layer.kernel_backend(x.device) == "torch" and x.dtype == torch.float32
     return FP32_TOLERANCE if fp32_torch else FLA_TOLERANCE
@@ -251,7 +255,7 @@ def capture(model, input_ids: torch.Tensor, layers: Sequence[int] | None = None,
         layer_tolerance = _tolerance(layer, x) if tolerance is None else tolerance
         error = _check_output(f"GDN layer {i}: the probe's recomputed output differs from the layer's forward",
                               recomputed, real, layer_tolerance,
-                              f"backend {layer.kernel_backend(x.device)}, {str(x.dtype).replace('torch.', '')}")
+                              f"backend {layer.kernel_backend(x.device)}, {_dtype_name(x.dtype)}")
         probes[i] = LayerProbe(
             layer=i, q=q.cpu(), k=k.cpu(), v=v.cpu(), g=g.cpu(), beta=beta.cpu(), core_output=o.cpu(),
             output=real.float().cpu(), state_norm=norms.cpu(), states=None if states is None else states.cpu(),
@@ -290,7 +294,7 @@ def softmax_attention_map(model, input_ids: torch.Tensor, layer: int, head: int,
     default = FP32_TOLERANCE if x.dtype == torch.float32 else FLA_TOLERANCE
     _check_output(f"attention layer {layer}: the probe's recomputed output differs from the layer's forward",
                   recomputed, real, default if tolerance is None else tolerance,
-                  str(x.dtype).replace("torch.", ""))
+                  _dtype_name(x.dtype))
     return probabilities[batch_index, head].cpu()
 
 
@@ -329,7 +333,7 @@ def implicit_attention(features, head: int, batch_index: int = 0, scale: float |
     if check and isinstance(features, LayerProbe):
         v, o = features.v[batch_index, :, head].float(), features.core_output[batch_index, :, head]
         _check_output(f"implicit attention of layer {features.layer} head {head}: A v differs from the recurrence's "
-                      f"output", A @ v, o, FP32_TOLERANCE, f"T = {q.shape[0]}, fp32")
+                      f"output", A @ v, o, FP32_TOLERANCE, f"T = {T}, fp32")
     return A
 
 
