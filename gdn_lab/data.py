@@ -37,6 +37,7 @@ import torch
 from .config import ConfigError
 
 EMBEDDED_CORPORA = ("pydoc", "python-source")
+DEFAULT_MAX_CHARS = 20_000_000  # where 'python-source' and Hugging Face corpora are cut by default
 DEFAULT_CACHE_DIR = pathlib.Path(os.environ.get("GDN_LAB_CACHE", pathlib.Path.home() / ".cache" / "gdn_lab"))
 
 
@@ -51,7 +52,7 @@ def embedded_corpus(name: str = "pydoc", max_chars: int | None = None) -> str:
     'python-source': the .py files under this interpreter's site-packages, concatenated in
     sorted order (folder by folder), each preceded by a `# file: <path>` line: deterministic for
     a given set of installed packages; ~250 MB where gdn_lab's dependencies are installed, so it
-    is capped at `max_chars` (default 20M characters) and read only that far.
+    is capped at `max_chars` (default DEFAULT_MAX_CHARS, 20M characters) and read only that far.
     """
     if name == "pydoc":
         from pydoc_data.topics import topics
@@ -59,7 +60,7 @@ def embedded_corpus(name: str = "pydoc", max_chars: int | None = None) -> str:
         text = "\n\n".join(topics[key].strip() for key in sorted(topics))
         return text[:max_chars] if max_chars else text
     if name == "python-source":
-        return _python_source(max_chars or 20_000_000)
+        return _python_source(max_chars or DEFAULT_MAX_CHARS)
     raise ConfigError(f"unknown embedded corpus {name!r}; use one of {EMBEDDED_CORPORA} or hf_corpus(...)")
 
 
@@ -87,7 +88,7 @@ def _sorted_py_files(root: pathlib.Path):
         yield from (pathlib.Path(folder, name) for name in sorted(files) if name.endswith(".py"))
 
 
-def hf_corpus(name: str, split: str = "train", text_field: str = "text", max_chars: int = 20_000_000,
+def hf_corpus(name: str, split: str = "train", text_field: str = "text", max_chars: int = DEFAULT_MAX_CHARS,
               streaming: bool = True, **load_kwargs) -> str:
     """The first `max_chars` characters of a Hugging Face dataset's `text_field`, records joined
     by blank lines.
@@ -121,7 +122,7 @@ def load_corpus(corpus: str, max_chars: int | None = None) -> str:
     """An embedded corpus by name, otherwise a Hugging Face dataset name (online)."""
     if corpus in EMBEDDED_CORPORA:
         return embedded_corpus(corpus, max_chars)
-    return hf_corpus(corpus, max_chars=max_chars or 20_000_000)
+    return hf_corpus(corpus, max_chars=max_chars or DEFAULT_MAX_CHARS)
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -247,6 +248,7 @@ class Batch:
         return self.inputs.shape[0]
 
     def to(self, device: torch.device | str) -> Batch:
+        """The three tensors on `device` (copied without blocking when it is a GPU)."""
         non_blocking = torch.device(device).type == "cuda"
         return Batch(*(t.to(device, non_blocking=non_blocking) for t in (self.inputs, self.targets, self.mask)))
 
@@ -293,6 +295,7 @@ class LMData:
 
     @property
     def vocab_size(self) -> int:
+        """The tokenizer's vocabulary size, else the largest token id + 1."""
         if self.tokenizer is not None:
             return self.tokenizer.vocab_size
         return int(self.tokens.max()) + 1

@@ -137,6 +137,7 @@ class SweepResult:
 
     @property
     def names(self) -> list[str]:
+        """The variant names, in the order they were given."""
         return [v.name for v in self.variants]
 
     def ranking(self) -> list[str]:
@@ -164,6 +165,7 @@ class SweepResult:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
+        """Plain data (variants as dicts, plus the ranking) for JSON; `from_dict` reads it back."""
         return {"variants": [dataclasses.asdict(v) for v in self.variants], "ranking": self.ranking(),
                 "setup": self.setup, "sweep_dir": self.sweep_dir}
 

@@ -88,6 +88,7 @@ class Launch:
 
     @property
     def is_main(self) -> bool:
+        """Rank 0: the process that writes the run directory and prints."""
         return self.rank == 0
 
 
@@ -112,7 +113,7 @@ def launch_from_env(train_config: TrainConfig) -> Launch:
                 f"`torchrun --nproc_per_node N -m gdn_lab train ...`, or unset {', '.join(present)} for one process")
         rank, local_rank, world_size = (int(os.environ[name]) for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
         if not 0 <= rank < world_size:
-            raise DistributedLaunchError(f"RANK={rank} is outside WORLD_SIZE={world_size}")
+            raise DistributedLaunchError(f"RANK={rank} is outside WORLD_SIZE={world_size}; let torchrun set both")
     try:
         train_config.micro_batch_size(world_size)
     except ConfigError as err:
@@ -332,7 +333,7 @@ def train(model: torch.nn.Module, train_config: TrainConfig, data, run_dir: str 
 
     def checkpoint() -> dict:
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "schedule": schedule, "step": step, "data_position": step, "tokens": tokens,
+                "schedule": schedule, "step": step, "tokens": tokens,
                 "train_seconds": train_seconds, "best_val_loss": best_val, "history": history,
                 "rng": _rng_state(device), "train_config": cfg.to_dict(),
                 "model_config": dataclasses.asdict(model_config) if dataclasses.is_dataclass(model_config) else None}
