@@ -11,10 +11,12 @@ what to change.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 MIXERS = ("gdn", "attn")
 BACKENDS = ("auto", "fla", "torch")
@@ -23,6 +25,15 @@ HYBRID_PATTERNS = ("gdn", "transformer", "sparse", "alternating", "late")
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message says what to change."""
+
+
+def parse_literal(text: str) -> Any:
+    """A value typed as text (command line, widget box): a Python literal when it is one, else the
+    bare string. '400' -> 400, '(5, 11)' -> (5, 11), 'None' -> None, 'sparse' -> 'sparse'."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 def _require(ok: bool, message: str) -> None:

@@ -22,7 +22,6 @@ run then ends with a non-zero exit status.
 """
 from __future__ import annotations
 
-import ast
 import contextlib
 import dataclasses
 import datetime
@@ -39,7 +38,7 @@ import yaml
 from papermill.exceptions import PapermillExecutionError
 from tqdm.auto import tqdm
 
-from .config import ConfigError
+from .config import ConfigError, parse_literal
 
 PROFILES = ("smoke", "full")
 NOTEBOOK_GLOB = "[0-9][0-9]_*.ipynb"
@@ -122,10 +121,7 @@ def parse_param(text: str) -> tuple[str, object]:
     name, sep, value = text.partition("=")
     if not sep or not name.isidentifier():
         raise ConfigError(f"--param {text!r}: write it as name=value, e.g. --param steps=400")
-    try:
-        return name, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return name, value
+    return name, parse_literal(value)
 
 
 def notebook_parameters(notebook: pathlib.Path, profile: str, run_dir: pathlib.Path,

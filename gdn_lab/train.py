@@ -34,7 +34,6 @@ block of every global batch and skips the gradient all-reduce on all but the las
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import dataclasses
 import math
@@ -50,7 +49,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .config import ConfigError, ModelConfig, TrainConfig, get_preset
+from .config import ConfigError, ModelConfig, TrainConfig, get_preset, parse_literal
 from .env import BackendError, check_training_backend, pick_device, pick_dtype, resolve_backend
 from .results import save_results, write_json, write_metrics
 
@@ -455,13 +454,6 @@ def _load_checkpoint(path: str | os.PathLike, device: torch.device, cfg: TrainCo
 # ----------------------------------------------------------------------------- command line
 
 
-def _literal(text: str):
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
 def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     """The preset's configs with --steps, --attn-layers and --set key=value applied (validated)."""
     preset = get_preset(args.preset)
@@ -472,7 +464,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfi
         key, sep, value = item.partition("=")
         if not sep or key not in model_fields | train_fields:
             raise ConfigError(f"--set {item!r}: write key=value with a ModelConfig or TrainConfig field as key")
-        (model_changes if key in model_fields else train_changes)[key] = _literal(value)
+        (model_changes if key in model_fields else train_changes)[key] = parse_literal(value)
     if args.steps is not None:
         train_changes["steps"] = args.steps
     if args.attn_layers is not None:

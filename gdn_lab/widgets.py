@@ -12,13 +12,12 @@ callback shows its traceback in the panel's output area.
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from . import viz
-from .config import BACKENDS, ConfigError
+from .config import BACKENDS, ConfigError, parse_literal
 from .probe import Probe, implicit_attention
 
 EXPLORER_VIEWS = ("gates", "state norm", "state S_t", "implicit attention")
@@ -31,14 +30,6 @@ class _Panel:
 
     def _repr_mimebundle_(self, **kwargs):
         return self.widget._repr_mimebundle_(**kwargs)
-
-
-def _literal_or_text(text: str) -> Any:
-    """'(1, 3)' -> (1, 3), 'None' -> None, 'sparse' -> 'sparse'."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
 
 
 def _type_name(annotation) -> str:
@@ -95,7 +86,7 @@ class ConfigPanel(_Panel):
 
     def _field_value(self, name: str) -> Any:
         value = self.controls[name].value
-        return _literal_or_text(value) if name in self._literal_fields else value
+        return parse_literal(value) if name in self._literal_fields else value
 
     def build(self):
         """The config with the panel's values (validated by the dataclass): raises ConfigError when invalid."""
