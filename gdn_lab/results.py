@@ -14,8 +14,6 @@ import pathlib
 import tempfile
 from typing import Any
 
-from .env import environment_report
-
 
 def _jsonable(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -48,6 +46,8 @@ def write_json(path: str | os.PathLike, payload: Any) -> pathlib.Path:
 def save_results(path: str | os.PathLike, results: Any, *, config: Any = None, seed: int | None = None,
                  device: str = "auto") -> pathlib.Path:
     """`{"environment": ..., "config": ..., "seed": ..., "results": ...}` written to `path`."""
+    from .env import environment_report  # imports torch: keep `write_json` usable without it (the runner)
+
     payload = {"environment": environment_report(device), "config": config, "seed": seed, "results": results}
     return write_json(path, payload)
 

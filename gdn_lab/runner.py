@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import json
 import os
 import pathlib
 import re
@@ -39,6 +38,7 @@ from papermill.exceptions import PapermillExecutionError
 from tqdm.auto import tqdm
 
 from .config import ConfigError, parse_literal
+from .results import load_json, write_json
 
 PROFILES = ("smoke", "full")
 NOTEBOOK_GLOB = "[0-9][0-9]_*.ipynb"
@@ -214,7 +214,7 @@ def run_notebook(notebook: pathlib.Path, params: dict, progress: bool = False) -
     except Exception as err:  # a cell error, a dead kernel, a timeout: report it, run the next notebook
         error = describe_failure(notebook.stem, err, executed)
     seconds = time.perf_counter() - start
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
+    metrics = load_json(metrics_path) if metrics_path.is_file() else None
     if error is None and metrics is None:
         error = (f"{notebook.stem}: ran, but wrote no metrics.json; its last cell must call "
                  f"gdn_lab.results.write_metrics(run_dir, {{...}})\n    executed copy: {executed}")
@@ -247,7 +247,7 @@ def run_notebooks(notebooks: Sequence[pathlib.Path], profile: str = "smoke",
     bar.close()
     run_dir.mkdir(parents=True, exist_ok=True)
     summary = [{**dataclasses.asdict(run), "executed": str(run.executed)} for run in runs]
-    (run_dir / "summary.json").write_text(json.dumps({"profile": profile, "notebooks": summary}, indent=2) + "\n")
+    write_json(run_dir / "summary.json", {"profile": profile, "notebooks": summary})
     return runs
 
 
