@@ -20,7 +20,7 @@ so the one training loop in `gdn_lab.train` trains on tasks as it trains on text
 Scoring: `masked_accuracy(logits, batch)` and `exact_match(logits, batch)` on logits [B, T, V];
 `evaluate_task(model, data)` over fixed validation batches. Experiments (notebook 02):
 `contender_configs` (GDN, Transformer, DeltaNet, Hybrid at one width), `train_on_task` and
-`sweep` (build, train, score; one record per run), `accuracy_by_length` and `longest_solved`
+`train_on_tasks` (build, train, score; one record per run), `accuracy_by_length` and `longest_solved`
 (how long a string a model copies), `state_norm_while_copying` (through `gdn_lab.probe`).
 """
 from __future__ import annotations
@@ -360,7 +360,7 @@ def run_name(name: str, data: TaskData, config: ModelConfig) -> str:
     return f"{folder}_{data.task}_T{data.seq_len}{settings}_H{config.num_heads}_K{config.head_dim}"
 
 
-def sweep(points: Iterable[tuple[str, ModelConfig, TaskData]], train_config: TrainConfig,
+def train_on_tasks(points: Iterable[tuple[str, ModelConfig, TaskData]], train_config: TrainConfig,
           run_dir: str | os.PathLike, eval_batch_size: int = 64, eval_batches: int = 4,
           progress: bool = False) -> list[TaskRun]:
     """`train_on_task` for each (name, config, data), each in `run_dir/run_name(...)`."""

@@ -196,7 +196,7 @@ def test_sweep_trains_each_point_and_records_its_settings(tmp_path):
     data = TaskData("mqar", vocab_size=16, seq_len=16, seed=0, num_kv_pairs=2)
     config = TrainConfig(steps=2, batch_size=4, seq_len=16, warmup_steps=0, eval_every=0, eval_batches=1,
                          device="cpu")
-    runs = tasks.sweep([(name, configs[name], data) for name in ("Transformer", "Hybrid")], config, tmp_path,
+    runs = tasks.train_on_tasks([(name, configs[name], data) for name in ("Transformer", "Hybrid")], config, tmp_path,
                        eval_batch_size=8, eval_batches=1)
     assert [r.record["model"] for r in runs] == ["Transformer", "Hybrid"]
     assert runs[0].record["state_key_dims"] == 0 and runs[1].record["state_key_dims"] == 16
