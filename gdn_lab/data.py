@@ -29,12 +29,12 @@ import hashlib
 import os
 import pathlib
 import sysconfig
-import tempfile
 from dataclasses import dataclass
 
 import torch
 
 from .config import ConfigError
+from .results import atomic_path
 
 EMBEDDED_CORPORA = ("pydoc", "python-source")
 DEFAULT_MAX_CHARS = 20_000_000  # where 'python-source' and Hugging Face corpora are cut by default
@@ -199,11 +199,8 @@ def train_bpe(texts: str | list[str], vocab_size: int, cache_dir: str | os.PathL
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tokenizer.train_from_iterator(_chunks(texts), trainer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tokenizer.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tokenizer.save(str(tmp))
     return BPETokenizer(tokenizer, name)
 
 

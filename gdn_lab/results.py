@@ -6,12 +6,14 @@ the runner and the notebook tests read `run_dir/metrics.json`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import pathlib
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -31,16 +33,27 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def write_json(path: str | os.PathLike, payload: Any) -> pathlib.Path:
-    """Write JSON atomically (temp file in the same folder, then rename)."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
+    """A temp file in `path`'s folder to write; renamed onto `path` when the block ends, removed if it
+    raises: a crash or an exception mid-write leaves the previous file at `path` intact."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(_jsonable(payload), f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
+    os.close(fd)
+    try:
+        yield pathlib.Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, payload: Any) -> pathlib.Path:
+    """Write JSON atomically (`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(_jsonable(payload), indent=2) + "\n")
+    return pathlib.Path(path)
 
 
 def save_results(path: str | os.PathLike, results: Any, *, config: Any = None, seed: int | None = None,

@@ -40,7 +40,6 @@ import math
 import os
 import pathlib
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -51,7 +50,7 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError, ModelConfig, TrainConfig, get_preset, parse_literal
 from .env import BackendError, check_training_backend, pick_device, pick_dtype, resolve_backend
-from .results import save_results, write_json, write_metrics
+from .results import atomic_path, save_results, write_json, write_metrics
 
 TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -209,21 +208,13 @@ def evaluate(model: torch.nn.Module, batches: list, device: torch.device, dtype:
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> pathlib.Path:
-    """torch.save to a temp file in the same folder, fsync, then rename: a crash or an exception
-    mid-write leaves the previous file at `path` intact."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """torch.save through `results.atomic_path`, fsynced: a crash or an exception mid-write leaves
+    the previous file at `path` intact."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    return pathlib.Path(path)
 
 
 def find_checkpoint(run_dir: str | os.PathLike) -> pathlib.Path | None:
