@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The GPU work of one device-tool session, in two calls (each call may run 10 minutes at most).
+#
+#   source .whl/activate.sh && export GDN_LAB_COMMIT=<sha> && bash benchmarks/gpu_session.sh timings; save_tune_cache
+#   source .whl/activate.sh && bash benchmarks/gpu_session.sh collect; save_tune_cache
+#
+# `timings` runs the timed benchmarks alone on the GPU (parity, training throughput, long-context
+# scan, then the GPU tests), then starts the untimed full-size runs in the background (setsid: they
+# outlive the call): notebook 02 (toy tasks), notebook 05 (long context; it reads the scan just made)
+# and the hybrid sweep of notebook 04, side by side. `collect` waits for them (at most --wait
+# seconds) and packs their results. Everything lands in /tmp/gpu and comes back as one tarball per
+# call under $OUT (the device tool returns at most 8 files).
+set -u
+R=/tmp/gpu
+mkdir -p "$R" benchmarks/results
+export PYTHONUNBUFFERED=1
+
+timed() {  # timed SECONDS NAME command...: run, log to $R/NAME.log, record the exit status
+  local limit=$1 name=$2; shift 2
+  local start=$SECONDS
+  timeout "$limit" "$@" >"$R/$name.log" 2>&1
+  local rc=$?
+  echo "$name rc=$rc $((SECONDS - start))s" | tee -a "$R/steps.txt"
+}
+
+background() {  # background NAME command...: runs on after this call returns
+  local name=$1; shift
+  setsid nohup bash -c "start=\$SECONDS; timeout 1200 \"\$@\" >'$R/$name.log' 2>&1; \
+echo \"$name rc=\$? \$((SECONDS - start))s\" >>'$R/steps.txt'; touch '$R/$name.done'" _ "$@" \
+    </dev/null >/dev/null 2>&1 &
+  echo "$name started in the background" | tee -a "$R/steps.txt"
+}
+
+case "${1:-}" in
+timings)
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$R/gpu.txt"
+  timed 200 parity python3 benchmarks/parity.py --out "$R/parity_h100.json"
+  timed 240 train_throughput python3 benchmarks/train_throughput.py --out "$R/train_throughput_h100.json"
+  timed 150 long_context python3 benchmarks/long_context.py --out "$R/long_context_h100.json"
+  cp "$R/long_context_h100.json" benchmarks/results/ 2>/dev/null
+  timed 170 gpu_tests python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_parity.py \
+    tests/test_gpu_decode.py tests/test_gpu_train.py tests/test_longctx.py tests/test_probe.py \
+    --deselect tests/test_gpu_parity.py::test_parity_script_meets_fla_tolerances
+  background nb02 python3 -m gdn_lab run 02_toy_tasks --profile full --run-dir "$R/nb02"
+  background nb05 python3 -m gdn_lab run 05_long_context --profile full --run-dir "$R/nb05"
+  background hybrids python3 benchmarks/hybrids.py --out "$R/hybrids_h100.json" --fig-dir "$R/hybrids_figures" \
+    --sweep-dir /tmp/hybrids-runs
+  tar czf "$OUT/timings.tar.gz" -C "$R" --exclude nb02 --exclude nb05 --exclude hybrids_figures .
+  cat "$R/steps.txt"
+  ;;
+collect)
+  wait_s=${2:-570}
+  for _ in $(seq "$wait_s"); do
+    [ -e "$R/nb02.done" ] && [ -e "$R/nb05.done" ] && [ -e "$R/hybrids.done" ] && break
+    sleep 1
+  done
+  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
+  # checkpoints stay behind: executed notebooks, metrics, results JSON, figures and logs come back
+  tar cJf "$OUT/full_runs.tar.xz" -C "$R" --exclude '*.pt' --exclude 'plotly.min.js' .
+  ls -la "$OUT"
+  cat "$R/steps.txt"
+  ;;
+*)
+  echo "usage: bash benchmarks/gpu_session.sh timings | collect [wait seconds]" >&2
+  exit 2
+  ;;
+esac
