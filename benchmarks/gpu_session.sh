@@ -34,11 +34,11 @@ echo \"$name rc=\$? \$((SECONDS - start))s\" >>'$R/steps.txt'; touch '$R/$name.d
 case "${1:-}" in
 timings)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$R/gpu.txt"
-  timed 200 parity python3 benchmarks/parity.py --out "$R/parity_h100.json"
-  timed 240 train_throughput python3 benchmarks/train_throughput.py --out "$R/train_throughput_h100.json"
-  timed 150 long_context python3 benchmarks/long_context.py --out "$R/long_context_h100.json"
+  timed 140 parity python3 benchmarks/parity.py --out "$R/parity_h100.json"
+  timed 190 train_throughput python3 benchmarks/train_throughput.py --out "$R/train_throughput_h100.json"
+  timed 100 long_context python3 benchmarks/long_context.py --out "$R/long_context_h100.json"
   cp "$R/long_context_h100.json" benchmarks/results/ 2>/dev/null
-  timed 170 gpu_tests python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_parity.py \
+  timed 110 gpu_tests python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_parity.py \
     tests/test_gpu_decode.py tests/test_gpu_train.py tests/test_longctx.py tests/test_probe.py \
     --deselect tests/test_gpu_parity.py::test_parity_script_meets_fla_tolerances
   background nb02 python3 -m gdn_lab run 02_toy_tasks --profile full --run-dir "$R/nb02"
