@@ -5,9 +5,10 @@
 #   source .whl/activate.sh && bash benchmarks/gpu_session.sh collect; save_tune_cache
 #
 # `timings` runs the timed benchmarks alone on the GPU (parity, training throughput, long-context
-# scan, then the GPU tests), then starts the untimed full-size runs in the background (setsid: they
-# outlive the call): notebook 02 (toy tasks), notebook 05 (long context; it reads the scan just made)
-# and the hybrid sweep of notebook 04, side by side. `collect` waits for them (at most --wait
+# scan), then starts the untimed full-size runs in the background (setsid: they
+# outlive the call): notebook 02 (toy tasks), notebook 05 (long context; it reads the committed scan)
+# and the hybrid sweep of notebook 04, side by side. `collect` runs the GPU tests meanwhile (the
+# decode tests time things and stay out: run tests/test_gpu_decode.py alone), waits for them (at most --wait
 # seconds) and packs their results. Everything lands in /tmp/gpu and comes back as one tarball per
 # call under $OUT (the device tool returns at most 8 files).
 set -u
@@ -36,11 +37,7 @@ timings)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$R/gpu.txt"
   timed 140 parity python3 benchmarks/parity.py --out "$R/parity_h100.json"
   timed 190 train_throughput python3 benchmarks/train_throughput.py --out "$R/train_throughput_h100.json"
-  timed 100 long_context python3 benchmarks/long_context.py --out "$R/long_context_h100.json"
-  cp "$R/long_context_h100.json" benchmarks/results/ 2>/dev/null
-  timed 110 gpu_tests python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_parity.py \
-    tests/test_gpu_decode.py tests/test_gpu_train.py tests/test_longctx.py tests/test_probe.py \
-    --deselect tests/test_gpu_parity.py::test_parity_script_meets_fla_tolerances
+  timed 150 long_context python3 benchmarks/long_context.py --out "$R/long_context_h100.json"
   background nb02 python3 -m gdn_lab run 02_toy_tasks --profile full --run-dir "$R/nb02"
   background nb05 python3 -m gdn_lab run 05_long_context --profile full --run-dir "$R/nb05"
   background hybrids python3 benchmarks/hybrids.py --out "$R/hybrids_h100.json" --fig-dir "$R/hybrids_figures" \
@@ -49,7 +46,11 @@ timings)
   cat "$R/steps.txt"
   ;;
 collect)
-  wait_s=${2:-570}
+  wait_s=${2:-330}  # after the tests: within one 10-minute call
+  # correctness only, so it may share the GPU with the background runs
+  timed 240 gpu_tests python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_parity.py \
+    tests/test_gpu_train.py tests/test_longctx.py tests/test_probe.py \
+    --deselect tests/test_gpu_parity.py::test_parity_script_meets_fla_tolerances
   for _ in $(seq "$wait_s"); do
     [ -e "$R/nb02.done" ] && [ -e "$R/nb05.done" ] && [ -e "$R/hybrids.done" ] && break
     sleep 1
