@@ -35,8 +35,8 @@ echo \"$name rc=\$? \$((SECONDS - start))s\" >>'$R/steps.txt'; touch '$R/$name.d
 case "${1:-}" in
 timings)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$R/gpu.txt"
-  timed 140 parity python3 benchmarks/parity.py --out "$R/parity_h100.json"
-  timed 190 train_throughput python3 benchmarks/train_throughput.py --out "$R/train_throughput_h100.json"
+  timed 130 parity python3 benchmarks/parity.py --out "$R/parity_h100.json"
+  timed 240 train_throughput python3 benchmarks/train_throughput.py --out "$R/train_throughput_h100.json"
   timed 150 long_context python3 benchmarks/long_context.py --out "$R/long_context_h100.json"
   background nb02 python3 -m gdn_lab run 02_toy_tasks --profile full --run-dir "$R/nb02"
   background nb05 python3 -m gdn_lab run 05_long_context --profile full --run-dir "$R/nb05"

@@ -4,7 +4,10 @@ Per model and context (1k, 4k, 16k tokens) every optimizer step takes --tokens-p
 (32k: batch 32 x 1k, 8 x 4k, 2 x 16k), the work of one `gdn_lab.train` step without data loading:
 bf16 autocast forward with the loss, backward, gradient clipping at 1.0, fused AdamW
 (`gdn_lab.train.make_optimizer`), zero_grad. --warmup steps run untimed (Triton autotuning,
-allocator warm-up); then --steps steps are timed between two CUDA events.
+allocator warm-up); then --steps steps are timed between two CUDA events. That is one round;
+--rounds rounds (default 3) time every model at every context again, the models in a rotated order
+each round, so no model always runs first, and each cell reports its median round (the second
+session's single sequential round put gdn_lab 1.5-5% behind FLA's model on identical kernels).
 
     gdn          gdn_lab's CausalLM, GDN layers on FLA's chunk kernels (backend 'fla'), `model(x, targets=y)`
     fla          FLA's GatedDeltaNetForCausalLM with the same weights (`gdn_lab.models.to_fla`),
@@ -31,6 +34,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -141,6 +145,32 @@ def run_cell(name: str, model: torch.nn.Module, context: int, args, device: torc
     return record
 
 
+def rotated(names: list[str], shift: int) -> list[str]:
+    """`names` started at position `shift` (mod len): each round times the models in another order."""
+    shift %= len(names)
+    return names[shift:] + names[:shift]
+
+
+def median_records(cells: list[dict], names: list[str], contexts: tuple[int, ...]) -> list[dict]:
+    """One record per (model, context) from its timed rounds: the median round's ms/step (and its
+    tokens/s), the highest peak memory, each round's tokens/s under `rounds`; 'oom' if any round was."""
+    records = []
+    for name in names:
+        for context in contexts:
+            runs = [c for c in cells if (c["model"], c["context"]) == (name, context)]
+            record = {k: v for k, v in runs[0].items() if k != "round"}
+            record["rounds"] = [c["tokens_per_s"] for c in runs]
+            if any(c["status"] != "ok" for c in runs):
+                record.update(status="oom", tokens_per_s=None, ms_per_step=None, peak_mib=None)
+            else:
+                ms = statistics.median(c["ms_per_step"] for c in runs)
+                peaks = [c["peak_mib"] for c in runs if c["peak_mib"] is not None]
+                record.update(ms_per_step=ms, tokens_per_s=record["tokens_per_step"] / ms * 1e3,
+                              peak_mib=max(peaks) if peaks else None)
+            records.append(record)
+    return records
+
+
 def lookup(records: list[dict], name: str, context: int) -> float | None:
     for r in records:
         if (r["model"], r["context"]) == (name, context) and r["status"] == "ok":
@@ -217,12 +247,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--vocab-size", type=int, default=32000)
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per cell")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (autotuning)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="timing rounds; each round times every model at every context, the models in a rotated "
+                             "order; a cell reports its median round")
     parser.add_argument("--scaling", type=int, nargs="+", metavar="N",
                         help="world sizes to run under torchrun, e.g. 1 2: records the scaling efficiency")
     args = parser.parse_args(argv)
     if args.smoke:
         args.vocab_size, args.steps, args.warmup = min(args.vocab_size, 256), min(args.steps, 2), min(args.warmup, 1)
         args.tokens_per_step = min(args.tokens_per_step, 256)
+        args.rounds = min(args.rounds, 2)
     if args.scaling:
         results = scaling(args, argv)
         if args.out:
@@ -250,12 +284,14 @@ def main(argv: list[str] | None = None) -> dict:
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
     say("parameters: " + ", ".join(f"{n} {p / 1e6:.1f}M" for n, p in params.items()))
 
-    records = []
-    for name, model in models.items():
+    cells = []
+    for round_index in range(args.rounds):
         for context in contexts:
-            record = run_cell(name, model, context, args, device, dtype, world_size)
-            records.append(record)
-            say(table([record]).splitlines()[1], flush=True)
+            for name in rotated(list(models), round_index):
+                record = run_cell(name, models[name], context, args, device, dtype, world_size)
+                cells.append({**record, "round": round_index})
+                say(f"round {round_index} " + table([record]).splitlines()[1], flush=True)
+    records = median_records(cells, list(models), contexts)
     ratios, targets = summarize(records, contexts)
     say(table(records))
     for key, per_context in ratios.items():
@@ -267,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
                "world_size": world_size}
     if args.out and is_main:
         config = {"contexts": list(contexts), "tokens_per_step": args.tokens_per_step, "dtype": str(dtype),
-                  "steps": args.steps, "warmup": args.warmup, "smoke": args.smoke, "backend": backend,
+                  "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "smoke": args.smoke, "backend": backend,
                   "world_size": world_size, "models": {name: c.to_dict() for name, c in configs.items()}}
         say(f"wrote {save_results(args.out, results, config=config, seed=args.seed, device=str(device))}")
     if world_size > 1:

@@ -1,0 +1,51 @@
+"""CPU: the timing logic of benchmarks/train_throughput.py (rounds in rotated order, median round)."""
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import pytest
+
+BENCHMARK = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "train_throughput.py"
+
+
+@pytest.fixture(scope="module")
+def throughput():
+    spec = importlib.util.spec_from_file_location("train_throughput", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cell(model, context, ms, round_index, status="ok", peak=None):
+    return {"model": model, "context": context, "batch": 1, "tokens_per_step": 1000, "world_size": 1,
+            "status": status, "ms_per_step": ms if status == "ok" else None,
+            "tokens_per_s": 1000 / ms * 1e3 if status == "ok" else None, "peak_mib": peak, "round": round_index}
+
+
+def test_every_round_starts_with_another_model(throughput):
+    names = ["gdn", "fla", "transformer"]
+    orders = [throughput.rotated(names, r) for r in range(4)]
+    assert [order[0] for order in orders] == ["gdn", "fla", "transformer", "gdn"]
+    assert all(sorted(order) == sorted(names) for order in orders)
+
+
+def test_a_cell_reports_its_median_round(throughput):
+    cells = [cell("gdn", 64, ms, r, peak=p) for r, (ms, p) in enumerate([(10.0, 5), (30.0, 7), (12.0, 6)])]
+    cells += [cell("fla", 64, 11.0, 0), cell("fla", 64, 0, 1, status="oom"), cell("fla", 64, 11.0, 2)]
+    gdn, fla = throughput.median_records(cells, ["gdn", "fla"], (64,))
+    assert gdn["ms_per_step"] == 12.0 and gdn["tokens_per_s"] == pytest.approx(1000 / 12.0 * 1e3)
+    assert gdn["peak_mib"] == 7 and len(gdn["rounds"]) == 3 and "round" not in gdn
+    assert fla["status"] == "oom" and fla["tokens_per_s"] is None  # one failed round fails the cell
+
+
+def test_smoke_run_times_each_cell_in_every_round(throughput, tmp_path):
+    results = throughput.main(["--smoke", "--device", "cpu", "--models", "gdn", "transformer", "--contexts", "32",
+                               "--rounds", "2", "--out", str(tmp_path / "t.json")])
+    records = results["records"]
+    assert [(r["model"], r["context"]) for r in records] == [("gdn", 32), ("transformer", 32)]
+    for r in records:
+        assert r["status"] == "ok" and len(r["rounds"]) == 2
+        assert min(r["rounds"]) <= r["tokens_per_s"] <= max(r["rounds"])
+    assert results["ratios"]["gdn_over_transformer"]["32"] == pytest.approx(
+        records[0]["tokens_per_s"] / records[1]["tokens_per_s"])
