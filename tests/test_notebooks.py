@@ -117,7 +117,8 @@ def check_06_benchmarks(m: dict) -> None:
     assert m["figures"] >= 1
     assert m["sources"]["decode"], "the committed decode JSON must be read"
     for source in m["parity"].values():  # a measured ratio per judged comparison, never an empty table
-        assert source["worst_ratio"] and all(r > 0 for r in source["worst_ratio"].values())
+        # 0 is a measurement too: in bf16 gdn_lab's fla backend gives FLA's own layer bit for bit
+        assert source["worst_ratio"] and all(math.isfinite(r) and r >= 0 for r in source["worst_ratio"].values())
     for source in m["decode"].values():
         assert all(source["targets"].values()), source["targets"]  # issue 13's decode targets, as measured
 
