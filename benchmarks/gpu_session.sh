@@ -34,25 +34,40 @@ echo \"$name rc=\$? \$((SECONDS - start))s\" >>'$R/steps.txt'; touch '$R/$name.d
 
 case "${1:-}" in
 timings)
+  # TIMED and BACKGROUND choose the steps (default: all); e.g. TIMED=train_throughput BACKGROUND="nb02 nb05"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$R/gpu.txt"
-  timed 130 parity python3 benchmarks/parity.py --out "$R/parity_h100.json"
-  timed 240 train_throughput python3 benchmarks/train_throughput.py --out "$R/train_throughput_h100.json"
-  timed 150 long_context python3 benchmarks/long_context.py --out "$R/long_context_h100.json"
-  background nb02 python3 -m gdn_lab run 02_toy_tasks --profile full --run-dir "$R/nb02"
-  background nb05 python3 -m gdn_lab run 05_long_context --profile full --run-dir "$R/nb05"
-  background hybrids python3 benchmarks/hybrids.py --out "$R/hybrids_h100.json" --fig-dir "$R/hybrids_figures" \
-    --sweep-dir /tmp/hybrids-runs
+  for step in ${TIMED:-parity train_throughput long_context}; do
+    case $step in
+      parity) timed 130 parity python3 benchmarks/parity.py --out "$R/parity_h100.json" ;;
+      train_throughput) timed 240 train_throughput python3 benchmarks/train_throughput.py \
+        --out "$R/train_throughput_h100.json" ;;
+      long_context) timed 150 long_context python3 benchmarks/long_context.py --out "$R/long_context_h100.json" ;;
+      *) echo "unknown timed step $step" >&2 ;;
+    esac
+  done
+  for job in ${BACKGROUND:-nb02 nb05 hybrids}; do
+    case $job in
+      nb02) background nb02 python3 -m gdn_lab run 02_toy_tasks --profile full --run-dir "$R/nb02" ;;
+      nb05) background nb05 python3 -m gdn_lab run 05_long_context --profile full --run-dir "$R/nb05" ;;
+      hybrids) background hybrids python3 benchmarks/hybrids.py --out "$R/hybrids_h100.json" \
+        --fig-dir "$R/hybrids_figures" --sweep-dir /tmp/hybrids-runs ;;
+      *) echo "unknown background job $job" >&2 ;;
+    esac
+  done
+  echo "${BACKGROUND:-nb02 nb05 hybrids}" >"$R/background.txt"
   tar czf "$OUT/timings.tar.gz" -C "$R" --exclude nb02 --exclude nb05 --exclude hybrids_figures .
   cat "$R/steps.txt"
   ;;
 collect)
   wait_s=${2:-330}  # after the tests: within one 10-minute call
   # correctness only, so it may share the GPU with the background runs
-  timed 240 gpu_tests python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_parity.py \
+  [ -e "$R/gpu_tests.log" ] || timed 240 gpu_tests python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_parity.py \
     tests/test_gpu_train.py tests/test_longctx.py tests/test_probe.py \
     --deselect tests/test_gpu_parity.py::test_parity_script_meets_fla_tolerances
   for _ in $(seq "$wait_s"); do
-    [ -e "$R/nb02.done" ] && [ -e "$R/nb05.done" ] && [ -e "$R/hybrids.done" ] && break
+    pending=0
+    for job in $(cat "$R/background.txt" 2>/dev/null); do [ -e "$R/$job.done" ] || pending=1; done
+    [ "$pending" = 0 ] && break
     sleep 1
   done
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
