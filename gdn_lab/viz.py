@@ -282,13 +282,44 @@ def line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], x_t
     return fig
 
 
+def plotly_cache_dir() -> pathlib.Path:
+    """Where the one shared copy of plotly.js lives: $GDN_LAB_CACHE, else ~/.cache/gdn_lab."""
+    return pathlib.Path(os.environ.get("GDN_LAB_CACHE") or pathlib.Path.home() / ".cache" / "gdn_lab")
+
+
+def _link_plotly_js(folder: pathlib.Path) -> None:
+    """Put `plotly.min.js` (~4.8 MB) in `folder` as a hard link to one cached copy per plotly version,
+    so a sweep of many run folders stores plotly.js once; a plain copy where links are impossible."""
+    import shutil
+
+    import plotly
+    from plotly.offline import get_plotlyjs
+
+    from .results import atomic_path
+
+    target = folder / "plotly.min.js"
+    if target.exists():
+        return
+    cached = plotly_cache_dir() / f"plotly-{plotly.__version__}.min.js"
+    try:
+        if not cached.exists():
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(cached) as tmp:
+                tmp.write_text(get_plotlyjs(), encoding="utf-8")
+        os.link(cached, target)
+    except OSError:  # another filesystem, no writable cache: plotly writes its own copy
+        if cached.exists() and not target.exists():
+            shutil.copyfile(cached, target)
+
+
 def save_html(fig: go.Figure, path: str | os.PathLike) -> pathlib.Path:
     """Write `fig` as a static HTML page that loads `plotly.min.js` from its own folder.
 
-    Every page in a folder shares that one file (written once, on the first save), so a folder
-    of figures renders offline without a copy of plotly.js per page.
+    Every page in a folder shares that one file, and every folder links the same cached copy
+    (`_link_plotly_js`), so figures render offline without a copy of plotly.js per page or per run.
     """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _link_plotly_js(path.parent)
     fig.write_html(path, include_plotlyjs="directory", full_html=True, auto_play=False)
     return path

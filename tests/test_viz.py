@@ -114,3 +114,19 @@ def test_save_html_shares_one_plotly_js_per_folder(tmp_path, gates):
     assert '<script charset="utf-8" src="plotly.min.js"></script>' in html
     assert len(html) < 200_000                                  # the page does not embed plotly.js
     assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["gates.html", "norm.html", "plotly.min.js"]
+
+
+def test_run_folders_share_one_plotly_js(tmp_path, monkeypatch):
+    """Figures in many folders (a sweep's run directories) link one cached plotly.js, not a copy each."""
+    import plotly
+
+    from gdn_lab.viz import save_html
+
+    monkeypatch.setenv("GDN_LAB_CACHE", str(tmp_path / "cache"))
+    figure = go.Figure(go.Scatter(x=[0, 1], y=[1, 0]))
+    pages = [save_html(figure, tmp_path / f"run{i}" / "curves.html") for i in range(3)]
+    scripts = [page.parent / "plotly.min.js" for page in pages]
+    cached = tmp_path / "cache" / f"plotly-{plotly.__version__}.min.js"
+    assert cached.stat().st_size > 1_000_000
+    assert {script.stat().st_ino for script in scripts} == {cached.stat().st_ino}
+    assert all('src="plotly.min.js"' in page.read_text() for page in pages)
