@@ -303,7 +303,8 @@ def main(argv: list[str] | None = None) -> dict:
                "world_size": world_size}
     if args.out and is_main:
         config = {"contexts": list(contexts), "tokens_per_step": args.tokens_per_step, "dtype": str(dtype),
-                  "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "smoke": args.smoke, "backend": backend,
+                  "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "smoke": args.smoke,
+                  "backend": backend,
                   "world_size": world_size, "models": {name: c.to_dict() for name, c in configs.items()}}
         say(f"wrote {save_results(args.out, results, config=config, seed=args.seed, device=str(device))}")
     if world_size > 1:
