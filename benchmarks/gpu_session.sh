@@ -35,8 +35,10 @@ echo \"$name rc=\$? \$((SECONDS - start))s\" >>'$R/steps.txt'; touch '$R/$name.d
 case "${1:-}" in
 timings)
   # TIMED and BACKGROUND choose the steps (default: all); e.g. TIMED=train_throughput BACKGROUND="nb02 nb05"
+  timed_steps=${TIMED:-parity train_throughput long_context}
+  jobs=${BACKGROUND:-nb02 nb05 hybrids}
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$R/gpu.txt"
-  for step in ${TIMED:-parity train_throughput long_context}; do
+  for step in $timed_steps; do
     case $step in
       parity) timed 130 parity python3 benchmarks/parity.py --out "$R/parity_h100.json" ;;
       train_throughput) timed 240 train_throughput python3 benchmarks/train_throughput.py \
@@ -45,7 +47,7 @@ timings)
       *) echo "unknown timed step $step" >&2 ;;
     esac
   done
-  for job in ${BACKGROUND:-nb02 nb05 hybrids}; do
+  for job in $jobs; do
     case $job in
       nb02) background nb02 python3 -m gdn_lab run 02_toy_tasks --profile full --run-dir "$R/nb02" ;;
       nb05) background nb05 python3 -m gdn_lab run 05_long_context --profile full --run-dir "$R/nb05" ;;
@@ -54,7 +56,7 @@ timings)
       *) echo "unknown background job $job" >&2 ;;
     esac
   done
-  echo "${BACKGROUND:-nb02 nb05 hybrids}" >"$R/background.txt"
+  echo "$jobs" >"$R/background.txt"
   tar czf "$OUT/timings.tar.gz" -C "$R" --exclude nb02 --exclude nb05 --exclude hybrids_figures .
   cat "$R/steps.txt"
   ;;

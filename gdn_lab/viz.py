@@ -289,9 +289,8 @@ def plotly_cache_dir() -> pathlib.Path:
 
 def _link_plotly_js(folder: pathlib.Path) -> None:
     """Put `plotly.min.js` (~4.8 MB) in `folder` as a hard link to one cached copy per plotly version,
-    so a sweep of many run folders stores plotly.js once; a plain copy where links are impossible."""
-    import shutil
-
+    so a sweep of many run folders stores plotly.js once. Where linking fails (another filesystem, no
+    writable cache) the folder stays without it and `write_html` writes its own copy, as before."""
     import plotly
     from plotly.offline import get_plotlyjs
 
@@ -307,9 +306,8 @@ def _link_plotly_js(folder: pathlib.Path) -> None:
             with atomic_path(cached) as tmp:
                 tmp.write_text(get_plotlyjs(), encoding="utf-8")
         os.link(cached, target)
-    except OSError:  # another filesystem, no writable cache: plotly writes its own copy
-        if cached.exists() and not target.exists():
-            shutil.copyfile(cached, target)
+    except OSError:
+        pass
 
 
 def save_html(fig: go.Figure, path: str | os.PathLike) -> pathlib.Path:
