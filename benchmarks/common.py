@@ -80,9 +80,10 @@ def fla_small_configs(smoke: bool, vocab_size: int, backend: str = "auto") -> di
 def compared_models(configs: dict[str, ModelConfig], names: list[str], device: torch.device,
                     dtype: torch.dtype | None = None) -> tuple[dict[str, torch.nn.Module], dict[str, str]]:
     """Of `names`: 'gdn' (gdn_lab's LM from configs['gdn']), 'fla' (FLA's GatedDeltaNetForCausalLM with
-    the GDN model's weights, where FLA can run) and 'transformer' (configs['transformer']), on `device`
-    in `dtype` (None: as built, fp32). The GDN model is always built first, so the transformer's
-    weights do not depend on `names`; seed torch before calling.
+    the GDN model's weights, where FLA can run), 'transformer' (configs['transformer']) and 'gdn_v64'
+    (configs['gdn'] with value dim = key dim: expand_v 1), on `device` in `dtype` (None: as built, fp32).
+    The GDN model is always built first, so the transformer's weights do not depend on `names`; seed torch
+    before calling.
 
     Returns (name -> model, in that order; name -> note "skipped: <why>" for those that cannot run)."""
     models: dict[str, torch.nn.Module] = {}
@@ -98,4 +99,6 @@ def compared_models(configs: dict[str, ModelConfig], names: list[str], device: t
             models["fla"] = to_fla(gdn)
     if "transformer" in names:
         models["transformer"] = build_model(configs["transformer"]).to(device=device, dtype=dtype)
+    if "gdn_v64" in names:  # value dim = key dim: within 6% of the transformer's parameters
+        models["gdn_v64"] = build_model(configs["gdn"].replace(expand_v=1.0)).to(device=device, dtype=dtype)
     return models, notes

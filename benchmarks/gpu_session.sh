@@ -5,12 +5,14 @@
 #   source .whl/activate.sh && bash benchmarks/gpu_session.sh collect; save_tune_cache
 #
 # `timings` runs the timed benchmarks alone on the GPU (parity, training throughput, long-context
-# scan), then starts the untimed full-size runs in the background (setsid: they
-# outlive the call): notebook 02 (toy tasks), notebook 05 (long context; it reads the committed scan)
-# and the hybrid sweep of notebook 04, side by side. `collect` runs the GPU tests meanwhile (the
-# decode tests time things and stay out: run tests/test_gpu_decode.py alone), waits for them (at most --wait
-# seconds) and packs their results. Everything lands in /tmp/gpu and comes back as one tarball per
-# call under $OUT (the device tool returns at most 8 files).
+# scan), then starts the untimed full-size runs in the background (setsid: they outlive the call,
+# but not the machine, which goes back 30 s after a call ends: call `collect` at once), one after
+# another: notebook 05 (long context; it reads the committed scan), notebook 02 (toy tasks) and the
+# hybrid sweep of notebook 04. Side by side they were slower than in sequence (session 2: three jobs
+# made each of notebook 02's runs 3.4x slower). `collect` runs the GPU tests meanwhile (the decode
+# tests time things and stay out: run tests/test_gpu_decode.py alone), waits for the background
+# chain (at most --wait seconds) and packs the results. Everything lands in /tmp/gpu and comes back
+# as one tarball per call under $OUT (the device tool returns at most 8 files).
 set -u
 R=/tmp/gpu
 mkdir -p "$R" benchmarks/results
@@ -24,38 +26,44 @@ timed() {  # timed SECONDS NAME command...: run, log to $R/NAME.log, record the 
   echo "$name rc=$rc $((SECONDS - start))s" | tee -a "$R/steps.txt"
 }
 
-background() {  # background NAME command...: runs on after this call returns
-  local name=$1; shift
-  setsid nohup bash -c "start=\$SECONDS; timeout 1200 \"\$@\" >'$R/$name.log' 2>&1; \
-echo \"$name rc=\$? \$((SECONDS - start))s\" >>'$R/steps.txt'; touch '$R/$name.done'" _ "$@" \
-    </dev/null >/dev/null 2>&1 &
-  echo "$name started in the background" | tee -a "$R/steps.txt"
+chain() {  # chain JOB...: the jobs one after another, in the background; each leaves $R/JOB.done
+  local script="$R/chain.sh" job
+  echo "set -u; cd '$PWD'" >"$script"
+  for job in "$@"; do
+    echo "start=\$SECONDS; timeout 1500 ${JOB_COMMAND[$job]} >'$R/$job.log' 2>&1; \
+echo \"$job rc=\$? \$((SECONDS - start))s\" >>'$R/steps.txt'; touch '$R/$job.done'" >>"$script"
+  done
+  setsid nohup bash "$script" </dev/null >/dev/null 2>&1 &
+  echo "background, in this order: $*" | tee -a "$R/steps.txt"
 }
+
+declare -A JOB_COMMAND=(
+  [nb02]="python3 -m gdn_lab run 02_toy_tasks --profile full --run-dir $R/nb02"
+  [nb05]="python3 -m gdn_lab run 05_long_context --profile full --run-dir $R/nb05"
+  [hybrids]="python3 benchmarks/hybrids.py --out $R/hybrids_h100.json --fig-dir $R/hybrids_figures \
+--sweep-dir /tmp/hybrids-runs"
+)
 
 case "${1:-}" in
 timings)
   # TIMED and BACKGROUND choose the steps (default: all); e.g. TIMED=train_throughput BACKGROUND="nb02 nb05"
   timed_steps=${TIMED:-parity train_throughput long_context}
-  jobs=${BACKGROUND:-nb02 nb05 hybrids}
+  jobs=${BACKGROUND-nb05 nb02 hybrids}
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$R/gpu.txt"
   for step in $timed_steps; do
     case $step in
       parity) timed 130 parity python3 benchmarks/parity.py --out "$R/parity_h100.json" ;;
       train_throughput) timed 240 train_throughput python3 benchmarks/train_throughput.py \
-        --out "$R/train_throughput_h100.json" ;;
+        --models gdn fla transformer gdn_v64 --out "$R/train_throughput_h100.json" ;;
       long_context) timed 150 long_context python3 benchmarks/long_context.py --out "$R/long_context_h100.json" ;;
       *) echo "unknown timed step $step" >&2 ;;
     esac
   done
   for job in $jobs; do
-    case $job in
-      nb02) background nb02 python3 -m gdn_lab run 02_toy_tasks --profile full --run-dir "$R/nb02" ;;
-      nb05) background nb05 python3 -m gdn_lab run 05_long_context --profile full --run-dir "$R/nb05" ;;
-      hybrids) background hybrids python3 benchmarks/hybrids.py --out "$R/hybrids_h100.json" \
-        --fig-dir "$R/hybrids_figures" --sweep-dir /tmp/hybrids-runs ;;
-      *) echo "unknown background job $job" >&2 ;;
-    esac
+    [ -n "${JOB_COMMAND[$job]:-}" ] || { echo "unknown background job $job" >&2; exit 2; }
   done
+  # shellcheck disable=SC2086
+  [ -z "$jobs" ] || chain $jobs
   echo "$jobs" >"$R/background.txt"
   tar czf "$OUT/timings.tar.gz" -C "$R" --exclude nb02 --exclude nb05 --exclude hybrids_figures .
   cat "$R/steps.txt"

@@ -74,7 +74,7 @@ def recurrent_forward(layer: GatedDeltaNet, x: torch.Tensor) -> torch.Tensor:
     """The layer with the token-by-token recurrence in place of the chunked form."""
     f = layer.features(x)
     o, _, _ = ops.recurrent_gated_delta_rule(f.q, f.k, f.v, f.g, f.beta)
-    return layer.finish(o, x)
+    return layer.finish(o, f.gate)
 
 
 def fla_layer_like(layer: GatedDeltaNet) -> torch.nn.Module:

@@ -102,7 +102,8 @@ class GDNFeatures:
     q, k [B, T, H, K] (after conv, SiLU, L2 norm; not yet scaled), v [B, T, H, V],
     g [B, T, H] fp32 log-decay (alpha = exp(g); zeros without decay), beta [B, T, H] fp32,
     conv_state [B, 2*key_dim + value_dim, conv_size - 1]: the conv inputs to carry on (None
-    without a short conv).
+    without a short conv), gate [B, T, H, V]: x W_g, the output gate before SiLU (None
+    without use_gate); `finish` takes it.
     """
 
     q: torch.Tensor
@@ -111,6 +112,22 @@ class GDNFeatures:
     g: torch.Tensor
     beta: torch.Tensor
     conv_state: torch.Tensor | None
+    gate: torch.Tensor | None = None
+
+
+@dataclass
+class GDNProjections:
+    """The six input projections of x, from one matmul (`GatedDeltaNet.project`).
+
+    qkv [B, T, 2*key_dim + value_dim] (x W_q, x W_k, x W_v side by side; zero at masked steps),
+    a [B, T, H] (x W_a; None without decay), b [B, T, H] (x W_b), gate [B, T, H, V] (x W_g;
+    None without use_gate). All in the matmul's dtype; no activation applied yet.
+    """
+
+    qkv: torch.Tensor
+    a: torch.Tensor | None
+    b: torch.Tensor
+    gate: torch.Tensor | None
 
 
 @dataclass
@@ -234,11 +251,29 @@ class GatedDeltaNet(KernelBackend, nn.Module):
         bias = torch.cat([c.bias for c in convs]) if self.conv_bias else None
         return weight, bias
 
-    def _projected_qkv(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
-        if mask is not None:  # padded steps feed zeros to the conv: left padding is exact
+    def _input_linears(self) -> list[nn.Linear]:
+        """The projections of x in the order `project` stacks them: q, k, v, a, b, g."""
+        names = ["q_proj", "k_proj", "v_proj", "a_proj" if self.use_decay else None, "b_proj",
+                 "g_proj" if self.use_gate else None]
+        return [getattr(self, name) for name in names if name is not None]
+
+    def project(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> GDNProjections:
+        """x [B, T, D] through q, k, v, a, b and g_proj as one matmul (their weights stacked).
+
+        The parameters stay six `nn.Linear`s (FLA's state_dict), but one GEMM reads x once and its
+        backward returns one input gradient instead of six to be summed; the two H-wide gate
+        projections stop being GEMMs of their own. mask [B, T] bool zeroes q, k, v at padded steps
+        (padded steps feed zeros to the conv: left padding is exact).
+        """
+        weight = torch.cat([linear.weight for linear in self._input_linears()])
+        y = F.linear(x, weight)
+        H = self.num_heads
+        sizes = [self.conv_dim, H if self.use_decay else 0, H, self.value_dim if self.use_gate else 0]
+        qkv, a, b, gate = y.split(sizes, dim=-1)
+        if mask is not None:
             qkv = qkv * mask[..., None].to(qkv.dtype)
-        return qkv
+        return GDNProjections(qkv=qkv, a=a if self.use_decay else None, b=b,
+                              gate=gate.unflatten(-1, (H, self.head_v_dim)) if self.use_gate else None)
 
     def _split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, _ = qkv.shape
@@ -246,14 +281,15 @@ class GatedDeltaNet(KernelBackend, nn.Module):
         H = self.num_heads
         return q.reshape(B, T, H, -1), k.reshape(B, T, H, -1), v.reshape(B, T, H, -1)
 
-    def gates(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(g, beta), both [B, T, H] fp32: log-decay -exp(A_log) softplus(x W_a + dt_bias) (zeros
-        without decay) and beta = sigmoid(x W_b) (x2 with allow_neg_eigval); 0 at masked steps."""
-        beta = torch.sigmoid(self.b_proj(x).float())
+    def gates(self, p: GDNProjections, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(g, beta), both [B, T, H] fp32, from the projections `p`: log-decay
+        -exp(A_log) softplus(x W_a + dt_bias) (zeros without decay) and beta = sigmoid(x W_b)
+        (x2 with allow_neg_eigval); 0 at masked steps."""
+        beta = torch.sigmoid(p.b.float())
         if self.allow_neg_eigval:
             beta = beta * 2
         if self.use_decay:
-            g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+            g = -self.A_log.float().exp() * F.softplus(p.a.float() + self.dt_bias.float())
         else:
             g = torch.zeros_like(beta)
         if mask is not None:
@@ -267,8 +303,8 @@ class GatedDeltaNet(KernelBackend, nn.Module):
         x [B, T, D]; state supplies the conv inputs of earlier steps (read, not written);
         mask [B, T] bool, False at padded steps (conv input zeroed, g = beta = 0).
         """
-        qkv = self._projected_qkv(x, mask)
-        conv_state = None
+        p = self.project(x, mask)
+        qkv, conv_state = p.qkv, None
         if self.use_short_conv:
             weight, bias = self._conv_parameters()
             history = state.conv.to(qkv.dtype) if state is not None else qkv.new_zeros(
@@ -277,13 +313,13 @@ class GatedDeltaNet(KernelBackend, nn.Module):
             qkv = F.conv1d(window, weight, bias, groups=self.conv_dim).transpose(1, 2)
             conv_state = window[..., -(self.conv_size - 1):]
         q, k, v = self._split_heads(F.silu(qkv))
-        g, beta = self.gates(x, mask)
-        return GDNFeatures(l2_normalize(q), l2_normalize(k), v, g, beta, conv_state)
+        g, beta = self.gates(p, mask)
+        return GDNFeatures(l2_normalize(q), l2_normalize(k), v, g, beta, conv_state, p.gate)
 
-    def finish(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """o [B, T, H, V] -> y [B, T, D]: RMSNorm per head, gated by SiLU(x W_g), then o_proj."""
+    def finish(self, o: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        """o [B, T, H, V], gate [B, T, H, V] (x W_g; None without use_gate) -> y [B, T, D]:
+        RMSNorm per head, times SiLU(gate), then o_proj."""
         B, T = o.shape[:2]
-        gate = self.g_proj(x).reshape(B, T, self.num_heads, -1) if self.use_gate else None
         if self.kernel_backend(o.device) == "fla":
             from fla.modules.norm.fused_norm_gate import rms_norm_gated
             from fla.modules.norm.layernorm import rms_norm
@@ -309,7 +345,7 @@ class GatedDeltaNet(KernelBackend, nn.Module):
                                               initial_state=None if state is None else state.recurrent)
         if state is not None:
             state.update(f.conv_state, final_state)
-        return self.finish(o, x), state
+        return self.finish(o, f.gate), state
 
     def _forward_fla(self, x: torch.Tensor, state: GDNState | None,
                      mask: torch.Tensor | None) -> tuple[torch.Tensor, GDNState | None]:
@@ -320,8 +356,8 @@ class GatedDeltaNet(KernelBackend, nn.Module):
         if torch.is_grad_enabled() and not self._training_backend_checked:
             check_training_backend("fla", x.device)
             self._training_backend_checked = True
-        qkv = self._projected_qkv(x, mask)
-        conv_state = None
+        p = self.project(x, mask)
+        qkv, conv_state = p.qkv, None
         if self.use_short_conv:
             weight, bias = self._conv_parameters()
             window = None if state is None else F.pad(state.conv, (1, 0))   # FLA's conv cache is W wide
@@ -332,15 +368,15 @@ class GatedDeltaNet(KernelBackend, nn.Module):
             qkv = F.silu(qkv)
         q, k, v = self._split_heads(qkv)
         if mask is None:  # raw gate inputs: the kernel applies softplus / sigmoid itself
-            beta = self.b_proj(x)
+            beta = p.b
             gate_kwargs = dict(use_beta_sigmoid_in_kernel=True, allow_neg_eigval=self.allow_neg_eigval)
             if self.use_decay:
-                g = self.a_proj(x)
+                g = p.a
                 gate_kwargs.update(use_gate_in_kernel=True, A_log=self.A_log, dt_bias=self.dt_bias)
             else:
                 g = beta.new_zeros(beta.shape, dtype=torch.float32)
         else:  # padded steps need g = beta = 0 exactly: prepare the gates here
-            g, beta = self.gates(x, mask)
+            g, beta = self.gates(p, mask)
             beta, gate_kwargs = beta.to(v.dtype), {}
         kernel = (fused_recurrent_gated_delta_rule if x.shape[1] <= 64 and not torch.is_grad_enabled()
                   else chunk_gated_delta_rule)
@@ -352,7 +388,7 @@ class GatedDeltaNet(KernelBackend, nn.Module):
                                 state_v_first=state is None, **gate_kwargs)
         if state is not None:
             state.update(conv_state, final_state)
-        return self.finish(o, x), state
+        return self.finish(o, p.gate), state
 
 
 @dataclass

@@ -3,7 +3,7 @@
 FLA's layer computes its gates inside the kernels and keeps no per-step states, so the probe
 recomputes them from the layer's own parameters: `layer.features(x)` (q, k, v, g, beta exactly
 as the layer prepares them), the fp32 recurrence `gdn_lab.ops.recurrent_gated_delta_rule`, and
-`layer.finish(o, x)`. It then checks that the recomputed output equals what the layer's real
+`layer.finish(o, f.gate)`. It then checks that the recomputed output equals what the layer's real
 forward returned (captured with a forward hook), and raises `ProbeMismatch` when it does not:
 a probe never silently describes a different model.
 
@@ -251,7 +251,7 @@ def capture(model, input_ids: torch.Tensor, layers: Sequence[int] | None = None,
         f = layer.features(x)
         q, k, v, g, beta = (t.float() for t in (f.q, f.k, f.v, f.g, f.beta))
         o, norms, states = recurrence_with_states(q, k, v, g, beta, steps)
-        recomputed = layer.finish(o.to(x.dtype), x)
+        recomputed = layer.finish(o.to(x.dtype), f.gate)
         layer_tolerance = _tolerance(layer, x) if tolerance is None else tolerance
         error = _check_output(f"GDN layer {i}: the probe's recomputed output differs from the layer's forward",
                               recomputed, real, layer_tolerance,

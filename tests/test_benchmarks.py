@@ -40,12 +40,16 @@ def test_a_cell_reports_its_median_round(throughput):
 
 
 def test_smoke_run_times_each_cell_in_every_round(throughput, tmp_path):
-    results = throughput.main(["--smoke", "--device", "cpu", "--models", "gdn", "transformer", "--contexts", "32",
-                               "--rounds", "2", "--out", str(tmp_path / "t.json")])
+    results = throughput.main(["--smoke", "--device", "cpu", "--models", "gdn", "transformer", "gdn_v64",
+                               "--contexts", "32", "--rounds", "2", "--out", str(tmp_path / "t.json")])
     records = results["records"]
-    assert [(r["model"], r["context"]) for r in records] == [("gdn", 32), ("transformer", 32)]
+    assert [(r["model"], r["context"]) for r in records] == [("gdn", 32), ("transformer", 32), ("gdn_v64", 32)]
+    gdn, _, gdn_v64 = (results["parameters"][name] for name in ("gdn", "transformer", "gdn_v64"))
+    assert gdn_v64 < gdn  # value dim 64 instead of 128
     for r in records:
         assert r["status"] == "ok" and len(r["rounds"]) == 2
         assert min(r["rounds"]) <= r["tokens_per_s"] <= max(r["rounds"])
     assert results["ratios"]["gdn_over_transformer"]["32"] == pytest.approx(
         records[0]["tokens_per_s"] / records[1]["tokens_per_s"])
+    assert results["ratios"]["gdn_v64_over_transformer"]["32"] == pytest.approx(
+        records[2]["tokens_per_s"] / records[1]["tokens_per_s"])
