@@ -114,6 +114,16 @@ def _split_answer(tokenizer, passkey: str) -> tuple[list[int], list[int]]:
     return ids[:split], ids[split:]
 
 
+def shortest_prompt(tokenizer, num_digits: int = 5) -> int:
+    """The fewest prompt tokens `make_haystack` accepts for any `num_digits`-digit passkey: needle,
+    question and one haystack token (plus one token of slack: a subword tokenizer may split the
+    space before the answer off differently for different digits)."""
+    passkey = "0" * num_digits
+    tail, _ = _split_answer(tokenizer, passkey)
+    return (len(tokenizer.encode(" " + NEEDLE.format(passkey=passkey))) + len(tokenizer.encode(" " + QUESTION))
+            + len(tail) + 2)
+
+
 def make_haystack(tokenizer, context_len: int, depth: float, passkey: str | None = None,
                   haystack: str = "noise", seed: int = 0, num_digits: int = 5) -> PasskeyExample:
     """A needle-in-a-haystack prompt of exactly `context_len` tokens.
@@ -167,14 +177,16 @@ def passkey_examples(tokenizer, context_len: int, depth: float, num_samples: int
             for i in range(num_samples)]
 
 
-def answer_batch(examples: Sequence[PasskeyExample], pad_id: int = 0) -> Batch:
+def answer_batch(examples: Sequence[PasskeyExample], pad_id: int = 0, width: int | None = None) -> Batch:
     """Teacher-forced batch: each row is the prompt then the answer, shifted by one, right-padded.
 
-    inputs/targets [N, T] with T = context_len + max answer length - 1; `mask` marks the answer
-    positions (the argmax there must be the next answer token).
+    inputs/targets [N, T] with T = width - 1 (width: the longest prompt + answer when None);
+    `mask` marks the answer positions (the argmax there must be the next answer token).
     """
     rows = [torch.cat([ex.input_ids, ex.answer_ids]) for ex in examples]
-    width = max(len(r) for r in rows)
+    longest = max(len(r) for r in rows)
+    _require(width is None or width >= longest, f"width={width} is shorter than the longest row ({longest} tokens)")
+    width = width or longest
     tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.bool)
     for i, (row, ex) in enumerate(zip(rows, examples, strict=True)):
@@ -278,23 +290,40 @@ def passkey_heatmap(tables: dict[str, Sequence[dict]], value: str = "accuracy", 
 class PasskeyData:
     """Passkey prompts as a training set, behind the batch-source protocol of `gdn_lab.data`.
 
-    Every row is a prompt of `seq_len + 1 - len(answer)` tokens followed by its answer, so rows
-    are exactly `seq_len` long after the shift; the needle depth is uniform in [0, 1] and the
-    loss mask covers the answer only. Row i of step n comes from seed (seed, "train", n, i):
-    resuming at step n sees the same rows; rank r of w gets rows [r*B, (r+1)*B).
+    Every row is a prompt followed by its answer, right-padded to exactly `seq_len` tokens after
+    the shift; the loss mask covers the answer only. The prompt length is uniform in
+    [min_context_len, seq_len + 1 - len(answer)] (min_context_len None: half of seq_len, or the
+    shortest prompt that holds needle and question if that is longer) and the needle depth uniform
+    in [0, 1]. The length varies on purpose: trained on prompts of one fixed length, a transformer
+    learned a solution tied to that length (CPU, tiny preset, rows of 128 bytes: exact match 1.0 on
+    124-byte prompts, the training length, and 0.0 on 128-byte ones unless the needle sat right before
+    the question). Row i of step n comes from seed (seed, "train", n, i): resuming at step n sees the
+    same rows; rank r of w gets rows [r*B, (r+1)*B).
     """
 
-    def __init__(self, tokenizer, seq_len: int, seed: int = 0, haystack: str = "noise", num_digits: int = 5):
+    def __init__(self, tokenizer, seq_len: int, seed: int = 0, haystack: str = "noise", num_digits: int = 5,
+                 min_context_len: int | None = None):
         self.tokenizer, self.seq_len, self.seed = tokenizer, seq_len, seed
         self.haystack, self.num_digits = haystack, num_digits
-        self._row("val", 0)  # a seq_len too short for the question fails here, not mid-training
+        self.max_context_len = seq_len + 1 - num_digits  # an answer takes at most one token per digit
+        shortest = shortest_prompt(tokenizer, num_digits)
+        _require(self.max_context_len >= shortest,
+                 f"seq_len={seq_len} leaves {self.max_context_len} prompt tokens; needle and question need "
+                 f"{shortest}: use seq_len >= {seq_len + shortest - self.max_context_len}")
+        self.min_context_len = max(shortest, seq_len // 2) if min_context_len is None else min_context_len
+        _require(shortest <= self.min_context_len <= self.max_context_len,
+                 f"min_context_len={min_context_len} must be in [{shortest}, {self.max_context_len}] "
+                 f"for seq_len={seq_len}")
 
     def _row(self, split: str, *index: int) -> PasskeyExample:
         rng = random.Random(derive_seed(self.seed, split, *index))
         passkey = random_passkey(rng, self.num_digits)
-        _, answer = _split_answer(self.tokenizer, passkey)
-        return make_haystack(self.tokenizer, self.seq_len + 1 - len(answer), rng.random(), passkey,
-                             self.haystack, seed=rng.randrange(2 ** 31), num_digits=self.num_digits)
+        context_len = rng.randint(self.min_context_len, self.max_context_len)
+        return make_haystack(self.tokenizer, context_len, rng.random(), passkey, self.haystack,
+                             seed=rng.randrange(2 ** 31), num_digits=self.num_digits)
+
+    def _batch(self, examples: list[PasskeyExample]) -> Batch:
+        return answer_batch(examples, width=self.seq_len + 1)
 
     @property
     def vocab_size(self) -> int:
@@ -303,20 +332,22 @@ class PasskeyData:
     def describe(self) -> dict:
         """What a run directory's config.json records about the data."""
         return {"task": "passkey", "seq_len": self.seq_len, "haystack": self.haystack, "num_digits": self.num_digits,
-                "seed": self.seed, "tokenizer": getattr(self.tokenizer, "name", None)}
+                "context_len": [self.min_context_len, self.max_context_len], "seed": self.seed,
+                "tokenizer": getattr(self.tokenizer, "name", None)}
 
     def train_batch(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1) -> Batch:
         """This rank's `batch_size` rows of step `step`: inputs/targets [B, seq_len], mask on the answer."""
         _require(0 <= rank < world_size, f"rank={rank} must be in [0, world_size={world_size})")
         rows = range(rank * batch_size, (rank + 1) * batch_size)
-        return answer_batch([self._row("train", step, i) for i in rows])
+        return self._batch([self._row("train", step, i) for i in rows])
 
     def val_batches(self, batch_size: int, num_batches: int) -> list[Batch]:
         """Fixed validation batches from a seed stream training never draws from."""
-        return [answer_batch([self._row("val", b, i) for i in range(batch_size)]) for b in range(num_batches)]
+        return [self._batch([self._row("val", b, i) for i in range(batch_size)]) for b in range(num_batches)]
 
     def __repr__(self) -> str:
-        return (f"PasskeyData(seq_len={self.seq_len}, haystack={self.haystack!r}, num_digits={self.num_digits}, "
+        return (f"PasskeyData(seq_len={self.seq_len}, context_len={self.min_context_len}..{self.max_context_len}, "
+                f"haystack={self.haystack!r}, num_digits={self.num_digits}, "
                 f"seed={self.seed})")
 
 

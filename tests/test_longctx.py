@@ -143,6 +143,19 @@ def test_passkey_grid_is_depth_by_length():
     assert math.isnan(fig.data[1].z[1][1])  # (256, 0.5) is missing from the second table
 
 
+def test_passkey_prompt_lengths_span_the_asked_range():
+    shortest = longctx.shortest_prompt(BYTES)
+    data = longctx.PasskeyData(BYTES, seq_len=160, seed=4, min_context_len=shortest)
+    lengths = {len(data._row("train", 0, i).input_ids) for i in range(200)}
+    assert min(lengths) == shortest and max(lengths) == 160 + 1 - 5
+    longctx.make_haystack(BYTES, shortest, 0.5, "99999")  # the shortest prompt fits needle and question
+    assert longctx.PasskeyData(BYTES, seq_len=160).min_context_len == max(shortest, 80)
+    with pytest.raises(ConfigError, match="min_context_len=20"):
+        longctx.PasskeyData(BYTES, seq_len=160, min_context_len=20)
+    with pytest.raises(ConfigError, match="use seq_len >="):
+        longctx.PasskeyData(BYTES, seq_len=64)
+
+
 def test_passkey_data_batches():
     data = longctx.PasskeyData(BYTES, seq_len=160, seed=4)
     batch = data.train_batch(step=3, batch_size=4)
@@ -152,6 +165,10 @@ def test_passkey_data_batches():
     for row in range(4):
         answer = BYTES.decode(batch.targets[row][batch.mask[row]].tolist())
         assert f"magic number is {answer}." in BYTES.decode(batch.inputs[row].tolist())
+    lengths = [int(batch.mask[row].nonzero()[0]) for row in range(4)]  # the prompt ends where the answer starts
+    assert len(set(lengths)) > 1 and all(data.min_context_len - 1 <= n < 160 for n in lengths)
+    for row, n in enumerate(lengths):  # right padding after the answer, outside the mask
+        assert (batch.targets[row, n + 5:] == 0).all()
     again = data.train_batch(step=3, batch_size=4)
     assert torch.equal(batch.inputs, again.inputs)
     two_ranks = [data.train_batch(step=3, batch_size=2, rank=r, world_size=2) for r in (0, 1)]
