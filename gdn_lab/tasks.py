@@ -338,14 +338,15 @@ def train_on_task(name: str, config: ModelConfig, data: TaskData, train_config: 
     """Build `config` (seeded by `train_config.seed`), train it on `data` with the one training
     loop (`gdn_lab.train.train`, seq_len taken from `data`), score it with `evaluate_task`.
 
-    The record holds the model name, the task settings, num_heads, head_dim, state_key_dims,
+    The record holds the model name, the task settings, lr, num_heads, head_dim, state_key_dims,
     num_params, train_seconds, final_val_loss, accuracy and exact_match.
     """
     torch.manual_seed(train_config.seed)
     model = build_model(config)
     result = train(model, train_config.replace(seq_len=data.seq_len), data, run_dir, progress=progress)
     score = evaluate_task(model, data, eval_batch_size, eval_batches)
-    record = {"model": name, **data.describe(), "num_heads": config.num_heads, "head_dim": config.head_dim,
+    record = {"model": name, **data.describe(), "lr": train_config.lr, "num_heads": config.num_heads,
+              "head_dim": config.head_dim,
               "state_key_dims": state_key_dims(config), "num_params": model.num_params(),
               "train_seconds": result.metrics["train_seconds"], "final_val_loss": result.metrics["final_val_loss"],
               **score}
@@ -361,12 +362,30 @@ def run_name(name: str, data: TaskData, config: ModelConfig) -> str:
 
 
 def train_on_tasks(points: Iterable[tuple[str, ModelConfig, TaskData]], train_config: TrainConfig,
-          run_dir: str | os.PathLike, eval_batch_size: int = 64, eval_batches: int = 4,
-          progress: bool = False) -> list[TaskRun]:
-    """`train_on_task` for each (name, config, data), each in `run_dir/run_name(...)`."""
-    return [train_on_task(name, config, data, train_config, pathlib.Path(run_dir) / run_name(name, data, config),
-                          eval_batch_size, eval_batches, progress)
-            for name, config, data in points]
+                   run_dir: str | os.PathLike, eval_batch_size: int = 64, eval_batches: int = 4,
+                   progress: bool = False, learning_rates: Sequence[float] | None = None) -> list[TaskRun]:
+    """`train_on_task` for each (name, config, data), each in `run_dir/run_name(...)`.
+
+    learning_rates: None trains each point once at `train_config.lr`. A list trains each point once
+    per rate (in `run_dir/run_name(...)/lr<rate>`) and keeps the run with the highest accuracy
+    (ties: the lower validation loss), as zoology keeps the best of four rates per point; its record
+    gains "lr_accuracy" {rate: accuracy}. The choice is made on the scoring batches themselves, as
+    in zoology: it reports what the best rate reached, not a held-out estimate.
+    """
+    runs = []
+    for name, config, data in points:
+        folder = pathlib.Path(run_dir) / run_name(name, data, config)
+        if not learning_rates:
+            runs.append(train_on_task(name, config, data, train_config, folder, eval_batch_size, eval_batches,
+                                      progress))
+            continue
+        tried = [train_on_task(name, config, data, train_config.replace(lr=rate), folder / f"lr{rate:g}",
+                               eval_batch_size, eval_batches, progress) for rate in learning_rates]
+        best = max(tried, key=lambda run: (run.record["accuracy"], -run.record["final_val_loss"]))
+        best.record["lr_accuracy"] = {f"{rate:g}": run.record["accuracy"]
+                                      for rate, run in zip(learning_rates, tried, strict=True)}
+        runs.append(best)
+    return runs
 
 
 def accuracy_by_length(model: torch.nn.Module, data: TaskData, lengths: Sequence[int], batch_size: int = 64,

@@ -58,6 +58,8 @@ def check_02_toy_tasks(m: dict) -> None:
         assert all(0 <= a <= 1 for a in m["mqar_accuracy"][name].values())
         assert 0 <= m["copy_accuracy"][name] <= 1 and 0 <= m["copy_exact_match"][name] <= 1
         assert m["copy_longest"][name] in [0, *smoke["copy_eval_lengths"]]
+        assert m["chosen_lr"][name] and set(m["chosen_lr"][name]) <= set(smoke["lr_sweep"])
+    assert m["lr_sweep"] == smoke["lr_sweep"]
     assert set(m["state_accuracy"]) == ({f"H2xK{k}" for k in smoke["state_head_dims"]}
                                         | {f"H{h}xK8" for h in smoke["state_num_heads"]})
     vocab = smoke["mqar_vocab_size"]

@@ -1,5 +1,6 @@
 """Synthetic tasks: generator semantics on fixed seeds, determinism, sharding, accuracy helpers."""
 import doctest
+import json
 
 import pytest
 import torch
@@ -204,6 +205,26 @@ def test_sweep_trains_each_point_and_records_its_settings(tmp_path):
     assert (tmp_path / "Hybrid_mqar_T16_num_kv_pairs2_H2_K8" / "metrics.json").is_file()
     norms = tasks.state_norm_while_copying(runs[1].model, data.sample(1, seed=0).inputs)
     assert norms.shape == (16,) and bool((norms > 0).all())
+
+
+def test_sweep_keeps_the_best_learning_rate_per_point(tmp_path):
+    configs = tasks.contender_configs(vocab_size=16, hidden_size=16, num_layers=1, num_heads=2, head_dim=8,
+                                      attn_num_heads=2, backend="torch")
+    data = TaskData("mqar", vocab_size=16, seq_len=16, seed=0, num_kv_pairs=2)
+    config = TrainConfig(steps=3, batch_size=4, seq_len=16, warmup_steps=0, eval_every=0, eval_batches=1,
+                         device="cpu")
+    rates = [1e-4, 3e-2]
+    (run,) = tasks.train_on_tasks([("GDN", configs["GDN"], data)], config, tmp_path, eval_batch_size=8,
+                                  eval_batches=1, learning_rates=rates)
+    folder = tmp_path / "GDN_mqar_T16_num_kv_pairs2_H2_K8"
+    tried = {rate: json.loads((folder / f"lr{rate:g}" / "metrics.json").read_text()) for rate in rates}
+    assert set(run.record["lr_accuracy"]) == {"0.0001", "0.03"} and run.record["lr"] in rates
+    chosen = run.record["lr_accuracy"][f"{run.record['lr']:g}"]
+    assert chosen == run.record["accuracy"] == max(run.record["lr_accuracy"].values())
+    losers = [r for r in rates if r != run.record["lr"]]
+    for rate in losers:  # a tie on accuracy goes to the lower validation loss
+        assert (run.record["lr_accuracy"][f"{rate:g}"] < chosen
+                or tried[rate]["final_val_loss"] >= run.record["final_val_loss"])
 
 
 def test_longest_solved_and_series():
