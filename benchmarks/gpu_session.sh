@@ -17,6 +17,12 @@ set -u
 R=/tmp/gpu
 mkdir -p "$R" benchmarks/results
 export PYTHONUNBUFFERED=1
+# result files are named by the GPU model: parity_h100.json on an H100, parity_h200.json on an H200
+DEV=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -oiE '[ahlb][0-9]{2,3}' | head -1 |
+  tr '[:upper:]' '[:lower:]')
+DEV=${DEV:-gpu}
+# the device's copy of the tree has no (or stale) git metadata: results record the commit from here
+[ -n "${GDN_LAB_COMMIT:-}" ] || echo "warning: export GDN_LAB_COMMIT=<sha>, or the results record a stale commit" >&2
 
 timed() {  # timed SECONDS NAME command...: run, log to $R/NAME.log, record the exit status
   local limit=$1 name=$2; shift 2
@@ -40,7 +46,7 @@ echo \"$job rc=\$? \$((SECONDS - start))s\" >>'$R/steps.txt'; touch '$R/$job.don
 declare -A JOB_COMMAND=(
   [nb02]="python3 -m gdn_lab run 02_toy_tasks --profile full --run-dir $R/nb02"
   [nb05]="python3 -m gdn_lab run 05_long_context --profile full --run-dir $R/nb05"
-  [hybrids]="python3 benchmarks/hybrids.py --out $R/hybrids_h100.json --fig-dir $R/hybrids_figures \
+  [hybrids]="python3 benchmarks/hybrids.py --out $R/hybrids_${DEV}.json --fig-dir $R/hybrids_figures \
 --sweep-dir /tmp/hybrids-runs"
 )
 
@@ -52,10 +58,10 @@ timings)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$R/gpu.txt"
   for step in $timed_steps; do
     case $step in
-      parity) timed 130 parity python3 benchmarks/parity.py --out "$R/parity_h100.json" ;;
+      parity) timed 130 parity python3 benchmarks/parity.py --out "$R/parity_${DEV}.json" ;;
       train_throughput) timed 240 train_throughput python3 benchmarks/train_throughput.py \
-        --models gdn fla transformer gdn_v64 --out "$R/train_throughput_h100.json" ;;
-      long_context) timed 150 long_context python3 benchmarks/long_context.py --out "$R/long_context_h100.json" ;;
+        --models gdn fla transformer gdn_v64 --out "$R/train_throughput_${DEV}.json" ;;
+      long_context) timed 150 long_context python3 benchmarks/long_context.py --out "$R/long_context_${DEV}.json" ;;
       *) echo "unknown timed step $step" >&2 ;;
     esac
   done

@@ -1,6 +1,8 @@
-"""Shared test helpers: one torch thread for every test, repository paths and a maker of small notebooks."""
+"""Shared test helpers: one torch thread for every test, repository paths, a maker of small notebooks
+and a loader of the benchmark scripts."""
 from __future__ import annotations
 
+import importlib.util
 import pathlib
 
 import nbformat
@@ -9,6 +11,14 @@ import torch
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+
+
+def load_benchmark(name: str):
+    """The module of `benchmarks/<name>.py`, loaded from its file (the scripts run without installing)."""
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", REPO_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -1,20 +1,13 @@
 """CPU: the timing logic of benchmarks/train_throughput.py (rounds in rotated order, median round)."""
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-
 import pytest
-
-BENCHMARK = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "train_throughput.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def throughput():
-    spec = importlib.util.spec_from_file_location("train_throughput", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("train_throughput")
 
 
 def cell(model, context, ms, round_index, status="ok", peak=None):

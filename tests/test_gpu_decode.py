@@ -4,11 +4,9 @@ Run on a CUDA machine: `pytest -m gpu tests/test_gpu_decode.py -s` (prints the l
 """
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-
 import pytest
 import torch
+from conftest import load_benchmark
 
 from gdn_lab.config import get_preset
 from gdn_lab.generate import CapturedDecoder, generate
@@ -16,7 +14,6 @@ from gdn_lab.models import build_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-BENCHMARK = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "decode.py"
 
 
 def prompts(lengths=(37, 5, 64, 100), vocab_size=1024, seed=0) -> list[list[int]]:
@@ -53,9 +50,7 @@ def test_captured_greedy_tokens_match_plain_on_cuda(pattern, dtype, backend):
 
 def test_short_decode_benchmark(tmp_path, record_property):
     """The benchmark at 128 and 4k context, batch 1: captured beats plain and stays flat in context."""
-    spec = importlib.util.spec_from_file_location("decode_benchmark", BENCHMARK)
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_benchmark("decode")
     results = benchmark.main(["--contexts", "128", "4096", "--batch-sizes", "1", "--steps", "32", "--warmup", "4",
                               "--max-batch-context", "0", "--out", str(tmp_path / "decode.json")])
     records = results["records"]

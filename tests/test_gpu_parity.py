@@ -6,18 +6,15 @@ compare logits with FLA's GatedDeltaNetForCausalLM. One CPU test runs the script
 """
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-
 import pytest
 import torch
+from conftest import load_benchmark
 
 from gdn_lab.config import ModelConfig
 from gdn_lab.layers import GatedDeltaNet
 from gdn_lab.models import build_model, to_fla
 from gdn_lab.results import load_json
 
-PARITY_SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "parity.py"
 FLA_OUTPUT_TOL = 5e-3
 MAX_SLOWDOWN = 1.15  # gdn_lab's fla backend vs FLA's own model, training-step time
 MAX_EXTRA_KERNELS = 1.01  # kernels launched per training step, gdn_lab's fla backend vs FLA's model
@@ -26,10 +23,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def parity_module():
-    spec = importlib.util.spec_from_file_location("parity", PARITY_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("parity")
 
 
 def relative_rmse(x: torch.Tensor, reference: torch.Tensor) -> float:

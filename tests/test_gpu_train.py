@@ -6,12 +6,11 @@ are measurements to report, and a shortfall is explained in the notes, not hidde
 """
 from __future__ import annotations
 
-import importlib.util
 import math
-import pathlib
 
 import pytest
 import torch
+from conftest import load_benchmark
 
 from gdn_lab.config import TrainConfig, get_preset
 from gdn_lab.data import lm_data
@@ -19,8 +18,6 @@ from gdn_lab.models import build_model
 from gdn_lab.train import train
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-
-BENCHMARK = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "train_throughput.py"
 
 
 @pytest.mark.parametrize("pattern", ["gdn", "sparse"])
@@ -42,9 +39,7 @@ def test_training_on_cuda_lowers_the_loss_and_resumes(pattern, tmp_path):
 
 
 def test_throughput_benchmark_records_its_ratios(tmp_path):
-    spec = importlib.util.spec_from_file_location("train_throughput", BENCHMARK)
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_benchmark("train_throughput")
     results = benchmark.main(["--contexts", "1024", "4096", "--tokens-per-step", "8192", "--steps", "3",
                               "--warmup", "2", "--out", str(tmp_path / "train_throughput.json")])
     assert {(r["model"], r["context"]) for r in results["records"]} == {
