@@ -314,10 +314,15 @@ class LabNotebook:
 
     def figure_state(self, scope) -> str | None:
         """What the plotly figure inside `scope` (a locator) shows now, as a string; None without one."""
+        from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
         plot = scope.locator(".js-plotly-plot").last
         if plot.count() == 0:
             return None
-        return plot.evaluate(_FIGURE_STATE_JS)
+        try:  # a redraw may clear the output between count() and evaluate(): then there is no figure
+            return plot.evaluate(_FIGURE_STATE_JS, timeout=2_000)
+        except PlaywrightTimeoutError:
+            return None
 
     def widget(self, scope, description: str):
         """The ipywidgets control labelled `description` inside `scope`."""
