@@ -69,19 +69,25 @@ def peak_mib(device: torch.device) -> float | None:
 
 
 def fla_small_configs(smoke: bool, vocab_size: int, backend: str = "auto") -> dict[str, ModelConfig]:
-    """GDN and transformer configs: FLA's 'small' (768d x 12L, 12 heads x 64), or 64d x 2L for --smoke."""
+    """GDN and transformer configs: FLA's 'small' (768d x 12L, 12 heads x 64), or 64d x 2L for --smoke;
+    'gdn_v64' is the GDN with value dim = key dim (expand_v 1): within 6% of the transformer's parameters."""
     base = get_preset("fla-small").model.replace(vocab_size=vocab_size, max_position_embeddings=65536,
                                                  backend=backend)
     if smoke:
         base = base.replace(hidden_size=64, num_layers=2, num_heads=2, head_dim=16, attn_num_heads=2)
-    return {"gdn": base, "transformer": base.replace(attn_layers="transformer")}
+    return {"gdn": base, "transformer": base.replace(attn_layers="transformer"), "gdn_v64": base.replace(expand_v=1.0)}
+
+
+def model_configs(configs: dict[str, ModelConfig], models: dict[str, torch.nn.Module]) -> dict[str, dict]:
+    """The config of every model `compared_models` built, for a results file ('fla' runs the 'gdn' one)."""
+    return {name: configs["gdn" if name == "fla" else name].to_dict() for name in models}
 
 
 def compared_models(configs: dict[str, ModelConfig], names: list[str], device: torch.device,
                     dtype: torch.dtype | None = None) -> tuple[dict[str, torch.nn.Module], dict[str, str]]:
     """Of `names`: 'gdn' (gdn_lab's LM from configs['gdn']), 'fla' (FLA's GatedDeltaNetForCausalLM with
-    the GDN model's weights, where FLA can run), 'transformer' (configs['transformer']) and 'gdn_v64'
-    (configs['gdn'] with value dim = key dim: expand_v 1), on `device` in `dtype` (None: as built, fp32).
+    the GDN model's weights, where FLA can run), 'transformer' and 'gdn_v64' (from their configs), on
+    `device` in `dtype` (None: as built, fp32).
     The GDN model is always built first, so the transformer's weights do not depend on `names`; seed torch
     before calling.
 
@@ -99,6 +105,6 @@ def compared_models(configs: dict[str, ModelConfig], names: list[str], device: t
             models["fla"] = to_fla(gdn)
     if "transformer" in names:
         models["transformer"] = build_model(configs["transformer"]).to(device=device, dtype=dtype)
-    if "gdn_v64" in names:  # value dim = key dim: within 6% of the transformer's parameters
-        models["gdn_v64"] = build_model(configs["gdn"].replace(expand_v=1.0)).to(device=device, dtype=dtype)
+    if "gdn_v64" in names:
+        models["gdn_v64"] = build_model(configs["gdn_v64"]).to(device=device, dtype=dtype)
     return models, notes

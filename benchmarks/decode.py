@@ -44,6 +44,7 @@ from benchmarks.common import (  # noqa: E402
     fla_small_configs,
     fmt,
     free_memory,
+    model_configs,
     peak_mib,
     reset_peak,
     synchronize,
@@ -309,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out:
         config = {"contexts": list(contexts), "batch_sizes": list(batches), "dtype": str(dtype), "steps": args.steps,
                   "warmup": args.warmup, "prefill_tokens": args.prefill_tokens, "smoke": args.smoke,
-                  "models": {name: c.to_dict() for name, c in configs.items()}}
+                  "models": model_configs(configs, models)}
         path = save_results(args.out, results, config=config, seed=args.seed, device=str(device))
         print(f"wrote {path}")
     return results

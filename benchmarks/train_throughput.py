@@ -55,6 +55,7 @@ from benchmarks.common import (  # noqa: E402
     fla_small_configs,
     fmt,
     free_memory,
+    model_configs,
     peak_mib,
     reset_peak,
     synchronize,
@@ -310,7 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
         config = {"contexts": list(contexts), "tokens_per_step": args.tokens_per_step, "dtype": str(dtype),
                   "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "smoke": args.smoke,
                   "backend": backend,
-                  "world_size": world_size, "models": {name: c.to_dict() for name, c in configs.items()}}
+                  "world_size": world_size, "models": model_configs(configs, models)}
         say(f"wrote {save_results(args.out, results, config=config, seed=args.seed, device=str(device))}")
     if world_size > 1:
         dist.destroy_process_group()

@@ -1,6 +1,8 @@
 """CPU: the timing logic of benchmarks/train_throughput.py (rounds in rotated order, median round)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import load_benchmark
 
@@ -39,6 +41,9 @@ def test_smoke_run_times_each_cell_in_every_round(throughput, tmp_path):
     assert [(r["model"], r["context"]) for r in records] == [("gdn", 32), ("transformer", 32), ("gdn_v64", 32)]
     gdn, _, gdn_v64 = (results["parameters"][name] for name in ("gdn", "transformer", "gdn_v64"))
     assert gdn_v64 < gdn  # value dim 64 instead of 128
+    recorded = json.loads((tmp_path / "t.json").read_text())["config"]["models"]
+    assert list(recorded) == ["gdn", "transformer", "gdn_v64"]  # the config of every model timed
+    assert recorded["gdn_v64"]["expand_v"] == 1.0 and recorded["gdn"]["expand_v"] == 2.0
     for r in records:
         assert r["status"] == "ok" and len(r["rounds"]) == 2
         assert min(r["rounds"]) <= r["tokens_per_s"] <= max(r["rounds"])
