@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import gc
 import pathlib
+import re
 
 import torch
 
@@ -108,3 +109,49 @@ def compared_models(configs: dict[str, ModelConfig], names: list[str], device: t
     if "gdn_v64" in names:
         models["gdn_v64"] = build_model(configs["gdn_v64"]).to(device=device, dtype=dtype)
     return models, notes
+
+
+# Kernel families of a training step, by kernel name (first match wins); the rest is "other"
+# (elementwise, casts, reductions, copies).
+KERNEL_FAMILIES = (
+    ("attention", r"flash|fmha|attention|cudnn"),
+    ("gdn_chunk", r"chunk|recompute_w_u|solve_tril|wy_repr|kkt|fused_recurrent|l2norm"),
+    ("short_conv", r"conv"),
+    ("norm", r"norm"),
+    ("swiglu", r"swiglu"),
+    ("cross_entropy", r"cross_entropy|logsumexp"),
+    ("optimizer", r"adam|multi_tensor|foreach"),
+    ("gemm", r"gemm|cutlass|xmma|nvjet|cublas|sm90_|sm80_"),
+    ("copy", r"copy|cat|Memcpy|Memset|fill"),
+)
+
+
+def kernel_family(name: str) -> str:
+    """The family of a CUDA kernel (KERNEL_FAMILIES) from its name."""
+    for family, pattern in KERNEL_FAMILIES:
+        if re.search(pattern, name, flags=re.IGNORECASE):
+            return family
+    return "other"
+
+
+def kernel_profile(step, top: int = 8, steps: int = 1) -> dict:
+    """`steps` profiled calls of `step()`: per call, the GPU time summed over the kernels (and copies)
+    it ran in ms, how many it launched, the time per kernel family (`kernel_family`), and the `top`
+    kernels by time as [name, calls, ms]. Kernels of one stream do not overlap, so wall time minus
+    gpu_ms is time the GPU waited for the host."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    kernels = sorted((e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.self_device_time_total, reverse=True)
+    families: dict[str, float] = {}
+    for e in kernels:
+        family = kernel_family(e.key)
+        families[family] = families.get(family, 0.0) + e.self_device_time_total / 1e3 / steps
+    return {"gpu_ms": sum(e.self_device_time_total for e in kernels) / 1e3 / steps,
+            "kernels": sum(e.count for e in kernels) // steps,
+            "families_ms": dict(sorted(families.items(), key=lambda kv: -kv[1])),
+            "top": [[e.key[:100], e.count // steps, e.self_device_time_total / 1e3 / steps] for e in kernels[:top]]}

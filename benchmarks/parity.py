@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from benchmarks.common import benchmark_parser  # noqa: E402
+from benchmarks.common import benchmark_parser, kernel_profile  # noqa: E402
 from gdn_lab import ops  # noqa: E402
 from gdn_lab.config import ModelConfig  # noqa: E402
 from gdn_lab.env import fla_unavailable_reason, pick_device  # noqa: E402
@@ -155,21 +155,6 @@ def layer_timings(runnable: dict, x: torch.Tensor, dy: torch.Tensor, iters: int)
 
     return time_ms({name: train_step(module, forward) for name, (module, forward) in runnable.items()
                     if name != "gdn_lab-torch-recurrent"}, iters)
-
-
-def kernel_profile(step, top: int = 8) -> dict:
-    """One profiled call of `step()`: the GPU time summed over the kernels (and copies) it ran, in ms,
-    how many it launched, and the `top` of them by time as [name, calls, ms]."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    kernels = sorted((e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA),
-                     key=lambda e: e.self_device_time_total, reverse=True)
-    return {"gpu_ms": sum(e.self_device_time_total for e in kernels) / 1e3,
-            "kernels": sum(e.count for e in kernels),
-            "top": [[e.key[:100], e.count, e.self_device_time_total / 1e3] for e in kernels[:top]]}
 
 
 def model_timings(shape: dict, device: torch.device, iters: int, num_layers: int = 12,

@@ -14,6 +14,9 @@ session's single sequential round put gdn_lab 1.5-5% behind FLA's model on ident
                  `model(input_ids=x, labels=x).loss` (FLA shifts the labels itself; its fused norm,
                  SwiGLU and cross-entropy are on, as by default)
     transformer  gdn_lab's SDPA transformer of the same width and depth (RoPE, SwiGLU MLP)
+    NAME+graph   any of these trained through `gdn_lab.cuda_graph.GraphedTrainStep`, as
+                 `train(..., TrainConfig(cuda_graph=True))` trains: --warmup eager steps, capture, then each
+                 step is two graph replays (forward + backward + clipping, the optimizer step)
     gdn_v64      gdn_lab's GDN with value dim 64 (expand_v 1; the h100 preset): 141.5M parameters
                  against the transformer's 134.1M, where 'gdn' has 162.8M. Not in issue 5's targets:
                  the same comparison at near-equal parameters (--models ... gdn_v64 to add it)
@@ -55,19 +58,23 @@ from benchmarks.common import (  # noqa: E402
     fla_small_configs,
     fmt,
     free_memory,
+    kernel_profile,
     model_configs,
     peak_mib,
     reset_peak,
     synchronize,
 )
 from gdn_lab.config import TrainConfig  # noqa: E402
+from gdn_lab.cuda_graph import GraphedTrainStep  # noqa: E402
 from gdn_lab.env import check_training_backend, environment_report, pick_device, pick_dtype, resolve_backend  # noqa: E402
 from gdn_lab.results import save_results  # noqa: E402
 from gdn_lab.train import make_optimizer  # noqa: E402
 
 FULL_CONTEXTS = (1024, 4096, 16384)
+GRAPH = "+graph"  # a model name with this suffix trains through gdn_lab.cuda_graph.GraphedTrainStep
 SMOKE_CONTEXTS = (32, 128)
-MODELS = ("gdn", "fla", "transformer", "gdn_v64")
+BASE_MODELS = ("gdn", "fla", "transformer", "gdn_v64")
+MODELS = BASE_MODELS + tuple(name + GRAPH for name in BASE_MODELS)
 DEFAULT_MODELS = ("gdn", "fla", "transformer")
 # issue 5: GDN >= 1.0x FLA's model at 1k and 16k, GDN >= 1.3x the SDPA transformer at 16k
 TARGETS = (("gdn_over_fla", 1024, 1.0), ("gdn_over_fla", 16384, 1.0), ("gdn_over_transformer", 16384, 1.3))
@@ -96,27 +103,35 @@ class Timer:
 
 
 def loss_fn(name: str):
-    if name == "fla":
+    if name.removesuffix(GRAPH) == "fla":
         return lambda model, x, y: model(input_ids=x, labels=x).loss
     return lambda model, x, y: model(x, targets=y)
 
 
 def run_cell(name: str, model: torch.nn.Module, context: int, args, device: torch.device, dtype: torch.dtype,
-             world_size: int) -> dict:
-    """Train `model` for warmup + timed steps at `context`; out-of-memory is recorded, not raised."""
+             world_size: int, profile: bool = False) -> dict:
+    """Train `model` for warmup + timed steps at `context`; out-of-memory is recorded, not raised.
+    With `profile` (GPU only) two more steps run under the profiler: record["profile"] (`kernel_profile`)."""
     batch = max(1, args.tokens_per_step // context)
     record = {"model": name, "context": context, "batch": batch, "tokens_per_step": batch * context * world_size,
               "world_size": world_size, "status": "ok", "tokens_per_s": None, "ms_per_step": None, "peak_mib": None}
     free_memory(device)
     ddp = world_size > 1
     module = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index]) if ddp else model
-    optimizer = make_optimizer(model, TrainConfig(lr=1e-4), device)
+    graph = name.endswith(GRAPH)
+    optimizer = make_optimizer(model, TrainConfig(lr=1e-4), device, capturable=graph)
     compute_loss = loss_fn(name)
     generator = torch.Generator(device).manual_seed(args.seed)
     tokens = torch.randint(0, args.vocab_size, (batch, context + 1), device=device, generator=generator)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    mask = torch.ones_like(inputs, dtype=torch.bool)
+    graphed = None
 
     def step() -> None:
+        if graphed is not None:
+            graphed.forward_backward(inputs, targets, mask)
+            graphed.optimizer_step(1e-4)
+            return
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss = compute_loss(module, inputs, targets)
         loss.backward()
@@ -126,6 +141,10 @@ def run_cell(name: str, model: torch.nn.Module, context: int, args, device: torc
 
     try:
         for _ in range(args.warmup):
+            step()
+        if graph:
+            graphed = GraphedTrainStep(lambda x, y, m: compute_loss(model, x, y), model, optimizer, dtype, 1.0,
+                                       (inputs, targets, mask))
             step()
         synchronize(device)
         reset_peak(device)
@@ -141,10 +160,16 @@ def run_cell(name: str, model: torch.nn.Module, context: int, args, device: torc
         record.update(tokens_per_s=record["tokens_per_step"] * args.steps / seconds,
                       ms_per_step=seconds / args.steps * 1e3,
                       peak_mib=peak_mib(device))
+        if profile and device.type == "cuda":
+            record["profile"] = kernel_profile(step, top=12, steps=2)
     except torch.cuda.OutOfMemoryError:
         record["status"] = "oom"
+    except RuntimeError as err:  # a step that cannot be captured: recorded, the other cells still run
+        if not graph:
+            raise
+        record.update(status="failed", error=str(err).splitlines()[0][:300])
     finally:
-        optimizer = module = None
+        optimizer = module = graphed = None
         model.zero_grad(set_to_none=True)
         free_memory(device)
     return record
@@ -166,7 +191,7 @@ def median_records(cells: list[dict], names: list[str], contexts: tuple[int, ...
             record = {k: v for k, v in runs[0].items() if k != "round"}
             record["rounds"] = [c["tokens_per_s"] for c in runs]
             if any(c["status"] != "ok" for c in runs):
-                record.update(status="oom", tokens_per_s=None, ms_per_step=None, peak_mib=None)
+                record.update(status=next(c["status"] for c in runs if c["status"] != "ok"), tokens_per_s=None, ms_per_step=None, peak_mib=None)
             else:
                 ms = statistics.median(c["ms_per_step"] for c in runs)
                 peaks = [c["peak_mib"] for c in runs if c["peak_mib"] is not None]
@@ -187,13 +212,16 @@ def summarize(records: list[dict], contexts: tuple[int, ...]) -> tuple[dict, lis
     """Throughput ratios per context (gdn over fla, gdn over transformer) and issue 5's targets."""
     pairs = {"gdn_over_fla": ("gdn", "fla"), "gdn_over_transformer": ("gdn", "transformer"),
              "gdn_v64_over_transformer": ("gdn_v64", "transformer")}
+    pairs.update({key + GRAPH: (name + GRAPH, other + GRAPH) for key, (name, other) in pairs.items()})
     ratios: dict = {key: {} for key in pairs}
     for context in contexts:
         for key, (name, other) in pairs.items():
             tps, other_tps = lookup(records, name, context), lookup(records, other, context)
             ratios[key][str(context)] = tps / other_tps if tps is not None and other_tps is not None else None
     targets = []
-    for key, context, floor in TARGETS:
+    for key, context, floor in TARGETS + tuple((key + GRAPH, context, floor) for key, context, floor in TARGETS):
+        if key.endswith(GRAPH) and all(v is None for v in ratios[key].values()):
+            continue  # the graphed pair was not timed in this run
         value = ratios[key].get(str(context))
         targets.append({"ratio": key, "context": context, "target": f">= {floor}", "value": value,
                         "met": None if value is None else value >= floor})
@@ -256,6 +284,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=3,
                         help="timing rounds; each round times every model at every context, the models in a rotated "
                              "order; a cell reports its median round")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile two more steps per cell in the first round (GPU): GPU ms per kernel family, "
+                             "top kernels, recorded under each record's 'profile'")
     parser.add_argument("--scaling", type=int, nargs="+", metavar="N",
                         help="world sizes to run under torchrun, e.g. 1 2: records the scaling efficiency")
     args = parser.parse_args(argv)
@@ -286,7 +317,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     configs = fla_small_configs(args.smoke, args.vocab_size, backend)
     torch.manual_seed(args.seed)
-    models, notes = compared_models(configs, args.models, device)
+    bases = list(dict.fromkeys(name.removesuffix(GRAPH) for name in args.models))
+    built, notes = compared_models(configs, bases, device)
+    models = {name: built[name.removesuffix(GRAPH)] for name in args.models if name.removesuffix(GRAPH) in built}
+    if device.type != "cuda":
+        notes.update({name: "skipped: CUDA graphs need a CUDA device" for name in models if name.endswith(GRAPH)})
+        models = {name: model for name, model in models.items() if not name.endswith(GRAPH)}
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
     say("parameters: " + ", ".join(f"{n} {p / 1e6:.1f}M" for n, p in params.items()))
 
@@ -294,12 +330,20 @@ def main(argv: list[str] | None = None) -> dict:
     for round_index in range(args.rounds):
         for context in contexts:
             for name in rotated(list(models), round_index):
-                record = run_cell(name, models[name], context, args, device, dtype, world_size)
+                record = run_cell(name, models[name], context, args, device, dtype, world_size,
+                                  profile=args.profile and round_index == 0)
                 cells.append({**record, "round": round_index})
                 say(f"round {round_index} " + table([record]).splitlines()[1], flush=True)
     records = median_records(cells, list(models), contexts)
     ratios, targets = summarize(records, contexts)
     say(table(records))
+    for r in records:
+        if "profile" in r:
+            prof = r["profile"]
+            say(f"profile {r['model']} @{r['context']}: GPU {prof['gpu_ms']:.1f} of {r['ms_per_step']:.1f} ms/step, "
+                f"{prof['kernels']} kernels; " + ", ".join(f"{k} {v:.1f}" for k, v in prof["families_ms"].items()))
+            for kernel, calls, ms in prof["top"]:
+                say(f"    {ms:7.2f} ms  x{calls:<4} {kernel}")
     for key, per_context in ratios.items():
         say(f"{key}: " + ", ".join(f"{c}: {fmt(v, '.3f')}" for c, v in per_context.items()))
     for target in targets:
@@ -311,7 +355,7 @@ def main(argv: list[str] | None = None) -> dict:
         config = {"contexts": list(contexts), "tokens_per_step": args.tokens_per_step, "dtype": str(dtype),
                   "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "smoke": args.smoke,
                   "backend": backend,
-                  "world_size": world_size, "models": model_configs(configs, models)}
+                  "world_size": world_size, "models": model_configs(configs, built)}
         say(f"wrote {save_results(args.out, results, config=config, seed=args.seed, device=str(device))}")
     if world_size > 1:
         dist.destroy_process_group()

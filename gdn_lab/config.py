@@ -222,6 +222,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
+    cuda_graph: bool = False  # replay each step from CUDA graphs (gdn_lab.cuda_graph): one CUDA process, grad_accum 1
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches"):

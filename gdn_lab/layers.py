@@ -71,16 +71,61 @@ def l2_normalize(x: torch.Tensor, eps: float = L2NORM_EPS) -> torch.Tensor:
     return (x32 * torch.rsqrt(x32.square().sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def stacked_linear(x: torch.Tensor, linears: list[nn.Linear]) -> torch.Tensor:
-    """x [..., D] through bias-free `linears` as one matmul: [..., sum of out_features], their
-    outputs side by side in order (split them with `.split([l.out_features ...], -1)`).
+def stacked_linear(x: torch.Tensor, groups: list[list[nn.Linear]]) -> tuple[torch.Tensor, ...]:
+    """x [..., D] through groups of bias-free linears as one matmul: one output per group, [..., sum
+    of the group's out_features], the group's outputs side by side in order.
 
     The weights are concatenated on the fly, so the parameters stay separate `nn.Linear`s (FLA's
-    state_dict) while one GEMM reads x once and its backward returns one gradient of x instead of
-    one per projection to be summed. For a GDN layer's six projections (two of them H wide) this
-    cut a 12-layer training step from 1523 kernels to 1078 (H100, benchmarks/parity.py).
+    state_dict) while one GEMM reads x once. Under autograd the backward (`_StackedLinear`) takes
+    each group's gradient where it lies: one GEMM per group into x's gradient, one into the
+    group's weights, where a plain `linear(...).split(...)` would first copy the groups' gradients
+    into one [..., sum] tensor (at 32k tokens per step that copy is 0.6 GB per GDN layer).
+    For a GDN layer's six projections (two of them H wide) the stacking cut a 12-layer training
+    step from 1523 kernels to 1078 (H100, benchmarks/parity.py).
     """
-    return F.linear(x, torch.cat([linear.weight for linear in linears]))
+    sizes = [sum(linear.out_features for linear in group) for group in groups]
+    weights = [linear.weight for group in groups for linear in group]
+    if not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))):
+        return F.linear(x, torch.cat(weights)).split(sizes, dim=-1)
+    device_type = x.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    with torch.autocast(device_type, enabled=False):
+        return _StackedLinear.apply(x.to(dtype), [len(group) for group in groups], *(w.to(dtype) for w in weights))
+
+
+class _StackedLinear(torch.autograd.Function):
+    """`stacked_linear` under autograd: forward one GEMM, backward per group (no gradient concatenation)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group_lengths: list[int], *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, *weights)
+        ctx.group_lengths = group_lengths
+        groups, start = [], 0
+        for n in group_lengths:
+            groups.append(sum(w.shape[0] for w in weights[start:start + n]))
+            start += n
+        return F.linear(x, torch.cat(weights)).split(groups, dim=-1)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor | None):
+        x, *weights = ctx.saved_tensors
+        x2 = x.reshape(-1, x.shape[-1])
+        dx, dweights, start = None, [], 0
+        for n, dy in zip(ctx.group_lengths, grads):
+            group = weights[start:start + n]
+            start += n
+            if dy is None:  # an unused group: zero gradients, as linear(...).split(...) would give
+                dweights += [torch.zeros_like(w) for w in group]
+                continue
+            dy2 = dy.reshape(-1, dy.shape[-1])
+            weight = group[0] if n == 1 else torch.cat(group)
+            if ctx.needs_input_grad[0]:
+                dx = dy2 @ weight if dx is None else dx.addmm_(dy2, weight)
+            dweights += list((dy2.t() @ x2).split([w.shape[0] for w in group]))
+        if dx is None and ctx.needs_input_grad[0]:
+            dx = torch.zeros_like(x2)
+        return (None if dx is None else dx.view_as(x)), None, *dweights
 
 
 class RMSNorm(nn.Module):
@@ -263,23 +308,18 @@ class GatedDeltaNet(KernelBackend, nn.Module):
         bias = torch.cat([c.bias for c in convs]) if self.conv_bias else None
         return weight, bias
 
-    def _input_linears(self) -> list[nn.Linear]:
-        """The projections of x in the order `project` stacks them: q, k, v, a, b, g."""
-        names = ["q_proj", "k_proj", "v_proj", "a_proj" if self.use_decay else None, "b_proj",
-                 "g_proj" if self.use_gate else None]
-        return [getattr(self, name) for name in names if name is not None]
-
     def project(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> GDNProjections:
-        """x [B, T, D] through q, k, v, a, b and g_proj as one matmul (`stacked_linear`); the two
-        H-wide gate projections stop being GEMMs of their own. mask [B, T] bool zeroes q, k, v at
+        """x [B, T, D] through q, k, v, a, b and g_proj as one matmul (`stacked_linear`; the two
+        H-wide gate projections stop being GEMMs of their own). mask [B, T] bool zeroes q, k, v at
         padded steps (padded steps feed zeros to the conv: left padding is exact)."""
         H = self.num_heads
-        sizes = [self.conv_dim, H if self.use_decay else 0, H, self.value_dim if self.use_gate else 0]
-        qkv, a, b, gate = stacked_linear(x, self._input_linears()).split(sizes, dim=-1)
+        gate_inputs = [self.a_proj, self.b_proj] if self.use_decay else [self.b_proj]
+        groups = [[self.q_proj, self.k_proj, self.v_proj], gate_inputs] + ([[self.g_proj]] if self.use_gate else [])
+        qkv, ab, *gate = stacked_linear(x, groups)
+        a, b = ab.split(H, dim=-1) if self.use_decay else (None, ab)
         if mask is not None:
             qkv = qkv * mask[..., None].to(qkv.dtype)
-        return GDNProjections(qkv=qkv, a=a if self.use_decay else None, b=b,
-                              gate=gate.unflatten(-1, (H, self.head_v_dim)) if self.use_gate else None)
+        return GDNProjections(qkv=qkv, a=a, b=b, gate=gate[0].unflatten(-1, (H, self.head_v_dim)) if gate else None)
 
     def _split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, _ = qkv.shape
@@ -490,8 +530,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         if mask is not None:
             mask = mask.to(device=x.device, dtype=torch.bool)
-        q, k, v = stacked_linear(x, [self.q_proj, self.k_proj, self.v_proj]).split(
-            [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], dim=-1)
+        q, k, v = stacked_linear(x, [[self.q_proj], [self.k_proj], [self.v_proj]])
         q = q.reshape(B, T, self.num_heads, self.head_dim)
         k, v = k.reshape(B, T, self.num_kv_heads, self.head_dim), v.reshape(B, T, self.num_kv_heads, self.head_dim)
         steps = torch.arange(T, device=x.device) if mask is None else (mask.long().cumsum(1) - 1).clamp(min=0)
@@ -530,7 +569,7 @@ class MLP(KernelBackend, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., D] -> [..., D]."""
-        gate, up = stacked_linear(x, [self.gate_proj, self.up_proj]).chunk(2, dim=-1)
+        gate, up = stacked_linear(x, [[self.gate_proj], [self.up_proj]])
         if self.kernel_backend(x.device) == "fla":
             from fla.modules.activations import swiglu_linear
 

@@ -48,6 +48,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .cuda_graph import GraphedTrainStep, graph_unsupported_reason
 from .config import ConfigError, ModelConfig, TrainConfig, get_preset, parse_literal
 from .env import BackendError, check_training_backend, pick_device, pick_dtype, resolve_backend
 from .results import atomic_path, save_results, write_json, write_metrics
@@ -167,15 +168,18 @@ def extend_schedule(schedule: list[dict], step: int, new_end: int, cfg: TrainCon
 # ----------------------------------------------------------------------------- pieces of the loop
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device,
+                   capturable: bool = False) -> torch.optim.AdamW:
     """AdamW (fused on CUDA); no weight decay on vectors (norm weights, biases, A_log, dt_bias)
-    nor on parameters marked `_no_weight_decay`; embeddings and projections decay."""
+    nor on parameters marked `_no_weight_decay`; embeddings and projections decay. `capturable`
+    (CUDA): its step can be captured in a CUDA graph (`gdn_lab.cuda_graph`)."""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
             (no_decay if param.ndim < 2 or getattr(param, "_no_weight_decay", False) else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda",
+                             capturable=capturable and device.type == "cuda")
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):
@@ -275,9 +279,12 @@ def train(model: torch.nn.Module, train_config: TrainConfig, data, run_dir: str 
     model_config = getattr(model, "config", None)
     check_training_backend(resolve_backend(getattr(model_config, "backend", "torch"), device), device)
 
+    if cfg.cuda_graph and (reason := graph_unsupported_reason(cfg, device, dtype, launch.world_size)):
+        raise ConfigError(reason)
     torch.manual_seed(cfg.seed)
     model.to(device)
-    optimizer = make_optimizer(model, cfg, device)
+    optimizer = make_optimizer(model, cfg, device, capturable=cfg.cuda_graph)
+    graphed: GraphedTrainStep | None = None  # built after the first eager step when cfg.cuda_graph
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     step, tokens, train_seconds, best_val, history, schedule = 0, 0, 0.0, math.inf, [], new_schedule(cfg)
 
@@ -344,40 +351,58 @@ def train(model: torch.nn.Module, train_config: TrainConfig, data, run_dir: str 
         if on_eval is not None:
             on_eval(step, record, history)
 
+    def stop_if_diverged(loss_value: float, lr: float) -> None:
+        if not math.isfinite(loss_value):
+            path = run_dir / "checkpoints" / f"diverged_step_{step}.pt"
+            if launch.is_main:
+                save_checkpoint(path, checkpoint())
+            raise TrainingDiverged(f"loss became {loss_value} at step {step + 1} (lr {lr:.2e}); weights before "
+                                   f"it saved to {path}: lower lr, raise warmup_steps or set grad_clip")
+
+    def eager_step(batch, lr: float) -> tuple[float, float]:
+        """One optimizer step on `batch` (micro-batches, DDP, GradScaler): (loss, grad norm)."""
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        scored = _all_reduce_sum(batch.mask.sum().double(), launch)  # scored tokens in the global batch
+        step_loss = torch.zeros((), dtype=torch.float64, device=device)
+        micro_batches = batch.split(micro_batch)
+        for i, micro in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            with contextlib.nullcontext() if last or launch.world_size == 1 else ddp_model.no_sync():
+                with _autocast(device, dtype):
+                    loss = ddp_model(micro.inputs, targets=micro.targets, loss_mask=micro.mask)
+                # weight the micro-batch mean by its share of the global batch's scored tokens;
+                # DDP averages over ranks, hence the world_size factor
+                share = micro.mask.sum() * launch.world_size / scored
+                scaler.scale(loss * share.to(loss.dtype)).backward()
+            step_loss += loss.detach().double() * micro.mask.sum()
+        step_loss = _all_reduce_sum(step_loss, launch) / scored
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+        loss_value, grad_norm = torch.stack([step_loss, grad_norm.double()]).tolist()
+        stop_if_diverged(loss_value, lr)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return loss_value, grad_norm
+
     model.train()
     try:
         while step < total_steps:
             started = time.perf_counter()
             lr = lr_at(step, schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             batch = data.train_batch(step, cfg.batch_size, launch.rank, launch.world_size).to(device)
-            scored = _all_reduce_sum(batch.mask.sum().double(), launch)  # scored tokens in the global batch
-            step_loss = torch.zeros((), dtype=torch.float64, device=device)
-            micro_batches = batch.split(micro_batch)
-            for i, micro in enumerate(micro_batches):
-                last = i == len(micro_batches) - 1
-                with contextlib.nullcontext() if last or launch.world_size == 1 else ddp_model.no_sync():
-                    with _autocast(device, dtype):
-                        loss = ddp_model(micro.inputs, targets=micro.targets, loss_mask=micro.mask)
-                    # weight the micro-batch mean by its share of the global batch's scored tokens;
-                    # DDP averages over ranks, hence the world_size factor
-                    share = micro.mask.sum() * launch.world_size / scored
-                    scaler.scale(loss * share.to(loss.dtype)).backward()
-                step_loss += loss.detach().double() * micro.mask.sum()
-            step_loss = _all_reduce_sum(step_loss, launch) / scored
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-            loss_value, grad_norm = torch.stack([step_loss, grad_norm.double()]).tolist()
-            if not math.isfinite(loss_value):
-                path = run_dir / "checkpoints" / f"diverged_step_{step}.pt"
-                if launch.is_main:
-                    save_checkpoint(path, checkpoint())
-                raise TrainingDiverged(f"loss became {loss_value} at step {step + 1} (lr {lr:.2e}); weights before "
-                                       f"it saved to {path}: lower lr, raise warmup_steps or set grad_clip")
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            if graphed is not None:
+                loss, grad_norm = graphed.forward_backward(batch.inputs, batch.targets, batch.mask)
+                loss_value, grad_norm = torch.stack([loss.double(), grad_norm.double()]).tolist()
+                stop_if_diverged(loss_value, lr)
+                graphed.optimizer_step(lr)
+            else:
+                loss_value, grad_norm = eager_step(batch, lr)
+                if cfg.cuda_graph:
+                    graphed = GraphedTrainStep(
+                        lambda inputs, targets, mask: model(inputs, targets=targets, loss_mask=mask),
+                        model, optimizer, dtype, cfg.grad_clip, (batch.inputs, batch.targets, batch.mask))
             step += 1
             tokens += batch.inputs.numel() * launch.world_size
             train_seconds += time.perf_counter() - started

@@ -38,14 +38,41 @@ def test_training_on_cuda_lowers_the_loss_and_resumes(pattern, tmp_path):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=2e-2)
 
 
+@pytest.mark.parametrize("pattern", ["gdn", "sparse"])
+def test_cuda_graph_training_matches_eager(pattern, tmp_path):
+    """cuda_graph=True replays the step the eager loop runs: same losses (to kernel nondeterminism),
+    same final weights' loss, and a checkpoint it writes resumes."""
+    data = lm_data("pydoc", "byte", seq_len=128)
+    config = get_preset("fla-tiny").model.replace(vocab_size=256, attn_layers=pattern, attn_num_heads=4)
+    runs = {}
+    for graph in (False, True):
+        cfg = TrainConfig(steps=30, batch_size=8, seq_len=128, lr=2e-3, warmup_steps=3, eval_every=15,
+                          save_every=15, cuda_graph=graph)
+        torch.manual_seed(0)
+        runs[graph] = train(build_model(config), cfg, data, tmp_path / f"graph_{graph}", progress=False)
+    for eager, graphed in zip(runs[False].history, runs[True].history, strict=True):
+        assert graphed["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-2)
+        assert graphed["lr"] == eager["lr"]
+    assert runs[True].history[-1]["train_loss"] < runs[True].history[0]["train_loss"] - 1.0
+    assert runs[True].metrics["final_val_loss"] == pytest.approx(runs[False].metrics["final_val_loss"], rel=1e-2)
+    torch.manual_seed(0)
+    resumed = train(build_model(config), cfg, data, tmp_path / "resumed", progress=False,
+                    resume=tmp_path / "graph_True" / "checkpoints" / "step_15.pt")
+    for a, b in zip(runs[True].history[15:], resumed.history[15:], strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-2)
+
+
 def test_throughput_benchmark_records_its_ratios(tmp_path):
     benchmark = load_benchmark("train_throughput")
+    models = ("gdn", "fla", "transformer", "gdn+graph", "transformer+graph")
     results = benchmark.main(["--contexts", "1024", "4096", "--tokens-per-step", "8192", "--steps", "3",
-                              "--warmup", "2", "--out", str(tmp_path / "train_throughput.json")])
+                              "--warmup", "2", "--models", *models, "--out", str(tmp_path / "train_throughput.json")])
     assert {(r["model"], r["context"]) for r in results["records"]} == {
-        (m, c) for m in ("gdn", "fla", "transformer") for c in (1024, 4096)}
+        (m, c) for m in models for c in (1024, 4096)}
     assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 and r["peak_mib"] > 0 for r in results["records"])
-    for key in ("gdn_over_fla", "gdn_over_transformer"):
+    for key in ("gdn_over_fla", "gdn_over_transformer", "gdn_over_transformer+graph"):
         assert all(value is not None and value > 0 for value in results["ratios"][key].values())
-    assert [t["context"] for t in results["targets"]] == [1024, 16384, 16384]
+    assert [(t["ratio"], t["context"]) for t in results["targets"]] == [
+        ("gdn_over_fla", 1024), ("gdn_over_fla", 16384), ("gdn_over_transformer", 16384),
+        ("gdn_over_transformer+graph", 16384)]
     assert (tmp_path / "train_throughput.json").exists()

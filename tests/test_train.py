@@ -154,6 +154,7 @@ def test_bad_settings_are_one_line_errors(data, reference, tmp_path):
          "no validation batches"),
         (lambda: config(batch_size=6, grad_accum=4), "not divisible by grad_accum"),
         (lambda: config(warmup_steps=12), "warmup_steps"),
+        (lambda: train(fresh_model(), config(cuda_graph=True), data, tmp_path / "g"), "cuda_graph=True needs a CUDA"),
     ]
     for call, message in cases:
         with pytest.raises(ConfigError, match=message) as err:
