@@ -191,7 +191,8 @@ def median_records(cells: list[dict], names: list[str], contexts: tuple[int, ...
             record = {k: v for k, v in runs[0].items() if k != "round"}
             record["rounds"] = [c["tokens_per_s"] for c in runs]
             if any(c["status"] != "ok" for c in runs):
-                record.update(status=next(c["status"] for c in runs if c["status"] != "ok"), tokens_per_s=None, ms_per_step=None, peak_mib=None)
+                record.update(status=next(c["status"] for c in runs if c["status"] != "ok"),
+                              tokens_per_s=None, ms_per_step=None, peak_mib=None)
             else:
                 ms = statistics.median(c["ms_per_step"] for c in runs)
                 peaks = [c["peak_mib"] for c in runs if c["peak_mib"] is not None]

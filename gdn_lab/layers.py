@@ -71,61 +71,79 @@ def l2_normalize(x: torch.Tensor, eps: float = L2NORM_EPS) -> torch.Tensor:
     return (x32 * torch.rsqrt(x32.square().sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def stacked_linear(x: torch.Tensor, groups: list[list[nn.Linear]]) -> tuple[torch.Tensor, ...]:
-    """x [..., D] through groups of bias-free linears as one matmul: one output per group, [..., sum
-    of the group's out_features], the group's outputs side by side in order.
+def stacked_linear(x: torch.Tensor, groups: list[list[nn.Linear]], separate: bool = False
+                   ) -> tuple[torch.Tensor, ...]:
+    """x [..., D] through groups of bias-free linears: one output per group, [..., sum of the
+    group's out_features], the group's outputs side by side in order.
 
-    The weights are concatenated on the fly, so the parameters stay separate `nn.Linear`s (FLA's
-    state_dict) while one GEMM reads x once. Under autograd the backward (`_StackedLinear`) takes
-    each group's gradient where it lies: one GEMM per group into x's gradient, one into the
-    group's weights, where a plain `linear(...).split(...)` would first copy the groups' gradients
-    into one [..., sum] tensor (at 32k tokens per step that copy is 0.6 GB per GDN layer).
-    For a GDN layer's six projections (two of them H wide) the stacking cut a 12-layer training
-    step from 1523 kernels to 1078 (H100, benchmarks/parity.py).
+    By default one GEMM on the weights concatenated on the fly (x read once; the outputs are views
+    with the row stride of the whole). `separate=True` runs one GEMM per group instead, so every
+    output is contiguous: for consumers that would copy a strided input (FLA's GDN kernels copy
+    their q, k, v and gate to contiguous; a short conv reads a strided input slower).
+    The parameters stay separate `nn.Linear`s (FLA's state_dict). Under autograd the backward
+    (`_StackedLinear`) takes each group's gradient where it lies: one GEMM per group accumulates into
+    x's gradient and one gives the group's weights, where `linear(...).split(...)` would first copy
+    the groups' gradients into one [..., sum] tensor and separate linears would add their x gradients.
     """
     sizes = [sum(linear.out_features for linear in group) for group in groups]
     weights = [linear.weight for group in groups for linear in group]
     if not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))):
+        if separate:
+            return tuple(F.linear(x, torch.cat([linear.weight for linear in group])) for group in groups)
         return F.linear(x, torch.cat(weights)).split(sizes, dim=-1)
     device_type = x.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
     with torch.autocast(device_type, enabled=False):
-        return _StackedLinear.apply(x.to(dtype), [len(group) for group in groups], *(w.to(dtype) for w in weights))
+        return _StackedLinear.apply(x.to(dtype), [len(group) for group in groups], separate,
+                                    *(w.to(dtype) for w in weights))
 
 
 class _StackedLinear(torch.autograd.Function):
-    """`stacked_linear` under autograd: forward one GEMM, backward per group (no gradient concatenation)."""
+    """`stacked_linear` under autograd: forward one GEMM (or one per group), backward per group
+    (no gradient concatenation, x's gradient accumulated inside the GEMMs)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group_lengths: list[int], *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _groups(group_lengths: list[int], weights: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        """The weights of each group as one [out, D] matrix (a view when the group has one)."""
+        groups, start = [], 0
+        for n in group_lengths:
+            group = weights[start:start + n]
+            groups.append(group[0] if n == 1 else torch.cat(group))
+            start += n
+        return groups
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group_lengths: list[int], separate: bool,
+                *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, *weights)
         ctx.group_lengths = group_lengths
-        groups, start = [], 0
+        if separate:
+            return tuple(F.linear(x, w) for w in _StackedLinear._groups(group_lengths, weights))
+        sizes, start = [], 0
         for n in group_lengths:
-            groups.append(sum(w.shape[0] for w in weights[start:start + n]))
+            sizes.append(sum(w.shape[0] for w in weights[start:start + n]))
             start += n
-        return F.linear(x, torch.cat(weights)).split(groups, dim=-1)
+        return F.linear(x, torch.cat(weights)).split(sizes, dim=-1)
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor | None):
         x, *weights = ctx.saved_tensors
         x2 = x.reshape(-1, x.shape[-1])
         dx, dweights, start = None, [], 0
-        for n, dy in zip(ctx.group_lengths, grads):
+        for n, weight, dy in zip(ctx.group_lengths, _StackedLinear._groups(ctx.group_lengths, weights), grads):
             group = weights[start:start + n]
             start += n
             if dy is None:  # an unused group: zero gradients, as linear(...).split(...) would give
                 dweights += [torch.zeros_like(w) for w in group]
                 continue
             dy2 = dy.reshape(-1, dy.shape[-1])
-            weight = group[0] if n == 1 else torch.cat(group)
             if ctx.needs_input_grad[0]:
                 dx = dy2 @ weight if dx is None else dx.addmm_(dy2, weight)
             dweights += list((dy2.t() @ x2).split([w.shape[0] for w in group]))
         if dx is None and ctx.needs_input_grad[0]:
             dx = torch.zeros_like(x2)
-        return (None if dx is None else dx.view_as(x)), None, *dweights
+        return (None if dx is None else dx.view_as(x)), None, None, *dweights
 
 
 class RMSNorm(nn.Module):
@@ -176,15 +194,23 @@ class GDNFeatures:
 class GDNProjections:
     """The six input projections of x, from one matmul (`GatedDeltaNet.project`).
 
-    qkv [B, T, 2*key_dim + value_dim] (x W_q, x W_k, x W_v side by side; zero at masked steps),
+    q, k [B, T, key_dim], v [B, T, value_dim] (x W_q, x W_k, x W_v; zero at masked steps),
     a [B, T, H] (x W_a; None without decay), b [B, T, H] (x W_b), gate [B, T, H, V] (x W_g;
-    None without use_gate). All in the matmul's dtype; no activation applied yet.
+    None without use_gate). All in the matmul's dtype, views into its one output; no activation
+    applied yet.
     """
 
-    qkv: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
     a: torch.Tensor | None
     b: torch.Tensor
     gate: torch.Tensor | None
+
+    @property
+    def qkv(self) -> torch.Tensor:
+        """[B, T, 2*key_dim + value_dim]: q, k and v side by side, the short conv's channels."""
+        return torch.cat([self.q, self.k, self.v], dim=-1)
 
 
 @dataclass
@@ -308,23 +334,27 @@ class GatedDeltaNet(KernelBackend, nn.Module):
         bias = torch.cat([c.bias for c in convs]) if self.conv_bias else None
         return weight, bias
 
-    def project(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> GDNProjections:
+    def project(self, x: torch.Tensor, mask: torch.Tensor | None = None, separate: bool = False) -> GDNProjections:
         """x [B, T, D] through q, k, v, a, b and g_proj as one matmul (`stacked_linear`; the two
-        H-wide gate projections stop being GEMMs of their own). mask [B, T] bool zeroes q, k, v at
-        padded steps (padded steps feed zeros to the conv: left padding is exact)."""
+        H-wide gate projections stop being GEMMs of their own), or with `separate` one GEMM per
+        output (contiguous q, k, v, gate: what FLA's training kernels read without copying).
+        mask [B, T] bool zeroes q, k, v at padded steps (padded steps feed zeros to the conv:
+        left padding is exact)."""
         H = self.num_heads
         gate_inputs = [self.a_proj, self.b_proj] if self.use_decay else [self.b_proj]
-        groups = [[self.q_proj, self.k_proj, self.v_proj], gate_inputs] + ([[self.g_proj]] if self.use_gate else [])
-        qkv, ab, *gate = stacked_linear(x, groups)
+        groups = [[self.q_proj], [self.k_proj], [self.v_proj], gate_inputs] + ([[self.g_proj]] if self.use_gate else [])
+        q, k, v, ab, *gate = stacked_linear(x, groups, separate=separate)
         a, b = ab.split(H, dim=-1) if self.use_decay else (None, ab)
         if mask is not None:
-            qkv = qkv * mask[..., None].to(qkv.dtype)
-        return GDNProjections(qkv=qkv, a=a, b=b, gate=gate[0].unflatten(-1, (H, self.head_v_dim)) if gate else None)
+            keep = mask[..., None].to(q.dtype)
+            q, k, v = q * keep, k * keep, v * keep
+        return GDNProjections(q=q, k=k, v=v, a=a, b=b,
+                              gate=gate[0].unflatten(-1, (H, self.head_v_dim)) if gate else None)
 
-    def _split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        B, T, _ = qkv.shape
-        q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        H = self.num_heads
+    def _split_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k [B, T, key_dim], v [B, T, value_dim] -> [B, T, H, K], [B, T, H, K], [B, T, H, V]."""
+        B, T, H = q.shape[0], q.shape[1], self.num_heads
         return q.reshape(B, T, H, -1), k.reshape(B, T, H, -1), v.reshape(B, T, H, -1)
 
     def gates(self, p: GDNProjections, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -358,7 +388,7 @@ class GatedDeltaNet(KernelBackend, nn.Module):
             window = torch.cat([history, qkv.transpose(1, 2)], dim=-1)        # [B, C, W - 1 + T]
             qkv = F.conv1d(window, weight, bias, groups=self.conv_dim).transpose(1, 2)
             conv_state = window[..., -(self.conv_size - 1):]
-        q, k, v = self._split_heads(F.silu(qkv))
+        q, k, v = self._split_heads(*F.silu(qkv).split([self.key_dim, self.key_dim, self.value_dim], dim=-1))
         g, beta = self.gates(p, mask)
         return GDNFeatures(l2_normalize(q), l2_normalize(k), v, g, beta, conv_state, p.gate)
 
@@ -402,17 +432,24 @@ class GatedDeltaNet(KernelBackend, nn.Module):
         if torch.is_grad_enabled() and not self._training_backend_checked:
             check_training_backend("fla", x.device)
             self._training_backend_checked = True
-        p = self.project(x, mask)
-        qkv, conv_state = p.qkv, None
-        if self.use_short_conv:
+        p = self.project(x, mask, separate=state is None)
+        conv_state = None
+        if self.use_short_conv and state is None:
+            # training / prefill without a cache: one conv per projection on its contiguous input, each
+            # writing a contiguous q, k or v (one conv over the three would leave strided q, k, v, which
+            # FLA's GDN kernel copies)
+            q, k, v = (causal_conv1d(x=z, weight=conv.weight.squeeze(1), bias=conv.bias, activation="silu")[0]
+                       for z, conv in ((p.q, self.q_conv1d), (p.k, self.k_conv1d), (p.v, self.v_conv1d)))
+            q, k, v = self._split_heads(q, k, v)
+        elif self.use_short_conv:
             weight, bias = self._conv_parameters()
-            window = None if state is None else F.pad(state.conv, (1, 0))   # FLA's conv cache is W wide
-            qkv, final_window = causal_conv1d(x=qkv, weight=weight.squeeze(1), bias=bias, initial_state=window,
-                                              output_final_state=state is not None, activation="silu")
-            conv_state = None if state is None else final_window[..., 1:]
+            window = F.pad(state.conv, (1, 0))   # FLA's conv cache is W wide
+            qkv, final_window = causal_conv1d(x=p.qkv, weight=weight.squeeze(1), bias=bias, initial_state=window,
+                                              output_final_state=True, activation="silu")
+            conv_state = final_window[..., 1:]
+            q, k, v = self._split_heads(*qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1))
         else:
-            qkv = F.silu(qkv)
-        q, k, v = self._split_heads(qkv)
+            q, k, v = self._split_heads(F.silu(p.q), F.silu(p.k), F.silu(p.v))
         if mask is None:  # raw gate inputs: the kernel applies softplus / sigmoid itself
             beta = p.b
             gate_kwargs = dict(use_beta_sigmoid_in_kernel=True, allow_neg_eigval=self.allow_neg_eigval)

@@ -48,8 +48,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .cuda_graph import GraphedTrainStep, graph_unsupported_reason
 from .config import ConfigError, ModelConfig, TrainConfig, get_preset, parse_literal
+from .cuda_graph import GraphedTrainStep, graph_unsupported_reason
 from .env import BackendError, check_training_backend, pick_device, pick_dtype, resolve_backend
 from .results import atomic_path, save_results, write_json, write_metrics
 

@@ -203,10 +203,12 @@ def _described(value):
 
 
 def test_fla_backend_calls_fla_kernels_as_fla_model_does(monkeypatch):
-    """The fla backend calls FLA's kernel entry points exactly as GatedDeltaNetForCausalLM (fuse_norm,
-    fuse_swiglu, fuse_cross_entropy) does: same functions, order, flags and argument shapes. The kernels
-    need CUDA, so each entry point becomes a shape-true stand-in that records its arguments, bound to
-    the real signature with its defaults."""
+    """The fla backend calls FLA's kernel entry points as GatedDeltaNetForCausalLM (fuse_norm,
+    fuse_swiglu, fuse_cross_entropy) does: same functions, order, flags and argument shapes, with one
+    planned difference: FLA's model runs one short conv over q, k and v concatenated, gdn_lab one per
+    projection (same weights, activation and channels; contiguous outputs for the GDN kernel). The
+    kernels need CUDA, so each entry point becomes a shape-true stand-in that records its arguments,
+    bound to the real signature with its defaults."""
     pytest.importorskip("fla.models")
     import importlib
     import inspect
@@ -264,9 +266,24 @@ def test_fla_backend_calls_fla_kernels_as_fla_model_does(monkeypatch):
     model(ids, targets=ids)
     ours, calls[:] = list(calls), []
     to_fla(model)(input_ids=ids, labels=ids)
-    per_layer = ["rms_norm", "causal_conv1d", "chunk_gated_delta_rule", "rms_norm_gated", "rms_norm", "swiglu_linear"]
+    per_layer = ["rms_norm", *["causal_conv1d"] * 3, "chunk_gated_delta_rule", "rms_norm_gated", "rms_norm",
+                 "swiglu_linear"]
     assert [name for name, _ in ours] == per_layer * TINY["num_layers"] + [
         "rms_norm", "FusedCrossEntropyLoss", "FusedCrossEntropyLoss.forward"]
+    our_convs = [args for name, args in ours if name == "causal_conv1d"]
+    fla_convs = [args for name, args in calls if name == "causal_conv1d"]
+    assert len(our_convs) == 3 * len(fla_convs) == 3 * TINY["num_layers"]
+    for layer, fla_conv in enumerate(fla_convs):
+        q, k, v = our_convs[3 * layer:3 * layer + 3]
+        (B, T, channels), dtype = fla_conv["x"]
+        assert [conv["x"] for conv in (q, k, v)] == [((B, T, q["x"][0][2]), dtype), ((B, T, q["x"][0][2]), dtype),
+                                                     ((B, T, channels - 2 * q["x"][0][2]), dtype)]
+        assert sum(conv["weight"][0][0] for conv in (q, k, v)) == fla_conv["weight"][0][0]
+        for conv in (q, k, v):
+            assert {key: value for key, value in conv.items() if key not in ("x", "weight")} == {
+                key: value for key, value in fla_conv.items() if key not in ("x", "weight")}
+    ours = [call for call in ours if call[0] != "causal_conv1d"]
+    calls = [call for call in calls if call[0] != "causal_conv1d"]
     assert len(ours) == len(calls)
     for (name, args), (fla_name, fla_args) in zip(ours, calls, strict=True):
         assert name == fla_name
