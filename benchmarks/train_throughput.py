@@ -142,12 +142,13 @@ def run_cell(name: str, model: torch.nn.Module, context: int, args, device: torc
     try:
         for _ in range(args.warmup):
             step()
+        synchronize(device)
+        reset_peak(device)  # after warmup; before the capture, whose memory pool then holds the step's peak
         if graph:
             graphed = GraphedTrainStep(lambda x, y, m: compute_loss(model, x, y), model, optimizer, dtype, 1.0,
                                        (inputs, targets, mask))
             step()
-        synchronize(device)
-        reset_peak(device)
+            synchronize(device)
         timer = Timer(device)
         timer.start()
         for _ in range(args.steps):
