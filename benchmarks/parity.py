@@ -189,8 +189,33 @@ def model_timings(shape: dict, device: torch.device, iters: int, num_layers: int
         steps[f"fla-model {regime}"] = training_step(to_fla(ours[regime]),
                                                      lambda m: m(input_ids=inputs, labels=inputs).loss,
                                                      autocast=regime == "autocast")
+    # the step as gdn_lab.train runs it on one GPU by default: forward + backward replayed from a CUDA graph
+    graphed = (("gdn_lab-fla", ours["autocast"], lambda m, x, y: m(x, targets=y)),
+               ("fla-model", to_fla(ours["autocast"]), lambda m, x, y: m(input_ids=x, labels=x).loss))
+    for name, model, loss_of in graphed:
+        steps[f"{name} autocast+graph"] = graphed_step(model, loss_of, inputs, targets)
     timings = time_ms(steps, iters)
     return timings, {name: kernel_profile(step) for name, step in steps.items()}
+
+
+def graphed_step(model, loss_of, inputs: torch.Tensor, targets: torch.Tensor):
+    """model's forward + backward under bf16 autocast as a replay of `GraphedTrainStep`'s first graph.
+    One eager step first (Triton tuning, AdamW state) with lr 0, so the weights stay as they are."""
+    from gdn_lab.config import TrainConfig
+    from gdn_lab.cuda_graph import GraphedTrainStep
+    from gdn_lab.train import make_optimizer
+
+    optimizer = make_optimizer(model, TrainConfig(lr=1e-3, weight_decay=0.0), inputs.device, capturable=True)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss_of(model, inputs, targets).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    mask = torch.ones_like(inputs, dtype=torch.bool)
+    graphed = GraphedTrainStep(lambda x, y, m: loss_of(model, x, y), model, optimizer, torch.bfloat16, None,
+                               (inputs, targets, mask))
+    return lambda: graphed.forward_backward(inputs, targets, mask)
 
 
 def judged_comparisons(outputs: dict) -> list[dict]:

@@ -222,7 +222,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
-    cuda_graph: bool = False  # replay each step from CUDA graphs (gdn_lab.cuda_graph): one CUDA process, grad_accum 1
+    # replay each step from CUDA graphs (gdn_lab.cuda_graph; one CUDA process, grad_accum 1, bf16/fp32);
+    # None: where that runs, False elsewhere
+    cuda_graph: bool | None = None
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches"):
