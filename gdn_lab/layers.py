@@ -206,11 +206,12 @@ class GDNProjections:
     a: torch.Tensor | None
     b: torch.Tensor
     gate: torch.Tensor | None
+    joint_qkv: torch.Tensor | None = None  # the one tensor q, k, v are views of, when they are
 
     @property
     def qkv(self) -> torch.Tensor:
         """[B, T, 2*key_dim + value_dim]: q, k and v side by side, the short conv's channels."""
-        return torch.cat([self.q, self.k, self.v], dim=-1)
+        return self.joint_qkv if self.joint_qkv is not None else torch.cat([self.q, self.k, self.v], dim=-1)
 
 
 @dataclass
@@ -342,14 +343,20 @@ class GatedDeltaNet(KernelBackend, nn.Module):
         left padding is exact)."""
         H = self.num_heads
         gate_inputs = [self.a_proj, self.b_proj] if self.use_decay else [self.b_proj]
-        groups = [[self.q_proj], [self.k_proj], [self.v_proj], gate_inputs] + ([[self.g_proj]] if self.use_gate else [])
-        q, k, v, ab, *gate = stacked_linear(x, groups, separate=separate)
+        qkv_linears = [self.q_proj, self.k_proj, self.v_proj]
+        groups = [[linear] for linear in qkv_linears] if separate else [qkv_linears]
+        groups.append(gate_inputs)
+        if self.use_gate:
+            groups.append([self.g_proj])
+        outputs = list(stacked_linear(x, groups, separate=separate))
+        gate = outputs.pop().unflatten(-1, (H, self.head_v_dim)) if self.use_gate else None
+        ab = outputs.pop()
         a, b = ab.split(H, dim=-1) if self.use_decay else (None, ab)
-        if mask is not None:
-            keep = mask[..., None].to(q.dtype)
-            q, k, v = q * keep, k * keep, v * keep
-        return GDNProjections(q=q, k=k, v=v, a=a, b=b,
-                              gate=gate[0].unflatten(-1, (H, self.head_v_dim)) if gate else None)
+        if mask is not None:  # outputs: [q, k, v] or [qkv]
+            outputs = [z * mask[..., None].to(z.dtype) for z in outputs]
+        joint = None if separate else outputs[0]
+        q, k, v = outputs if separate else joint.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        return GDNProjections(q=q, k=k, v=v, a=a, b=b, gate=gate, joint_qkv=joint)
 
     def _split_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
