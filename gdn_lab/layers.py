@@ -386,7 +386,9 @@ class GatedDeltaNet(KernelBackend, nn.Module):
         x [B, T, D]; state supplies the conv inputs of earlier steps (read, not written);
         mask [B, T] bool, False at padded steps (conv input zeroed, g = beta = 0).
         """
-        p = self.project(x, mask)
+        # the projection layout of the fla forward (separate GEMMs when training / prefilling without a
+        # state), so that probes recompute its bf16 roundings
+        p = self.project(x, mask, separate=state is None and self.kernel_backend(x.device) == "fla")
         qkv, conv_state = p.qkv, None
         if self.use_short_conv:
             weight, bias = self._conv_parameters()

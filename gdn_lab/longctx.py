@@ -446,6 +446,7 @@ def _measure(model, vocab_size: int, seq_len: int, batch_size: int, device: torc
         loss.backward()
         model.zero_grad(set_to_none=True)
 
+    (train_step if backward else forward)()  # first calls allocate what stays (cuBLAS workspaces of the backward thread)
     measured = {"weights_mib": torch.cuda.memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None}
     measured["forward_ms"], measured["forward_peak_mib"] = _time_call(forward, device, warmup, repeats)
     if backward:
@@ -472,6 +473,7 @@ def scan_lengths(configs: dict[str, ModelConfig], lengths: Sequence[int], tokens
     ('ok' | 'oom' | 'skipped': a shorter length already ran out of memory), "forward_ms",
     "forward_peak_mib", "train_ms", "train_peak_mib", "weights_mib", "tokens_per_s" (of the
     training step, or of the forward when backward=False)}; None where not measured.
+    "weights_mib" is what stays allocated after one warm-up step: weights and library workspaces.
     """
     from .env import pick_device
     from .models import build_model
