@@ -446,7 +446,8 @@ def _measure(model, vocab_size: int, seq_len: int, batch_size: int, device: torc
         loss.backward()
         model.zero_grad(set_to_none=True)
 
-    (train_step if backward else forward)()  # first calls allocate what stays (cuBLAS workspaces of the backward thread)
+    # what a first call allocates stays (the backward thread's cuBLAS workspace)
+    (train_step if backward else forward)()  # what a first call allocates stays (the backward thread's cuBLAS workspace)
     measured = {"weights_mib": torch.cuda.memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None}
     measured["forward_ms"], measured["forward_peak_mib"] = _time_call(forward, device, warmup, repeats)
     if backward:
