@@ -447,7 +447,7 @@ def _measure(model, vocab_size: int, seq_len: int, batch_size: int, device: torc
         model.zero_grad(set_to_none=True)
 
     # what a first call allocates stays (the backward thread's cuBLAS workspace)
-    (train_step if backward else forward)()  # what a first call allocates stays (the backward thread's cuBLAS workspace)
+    (train_step if backward else forward)()
     measured = {"weights_mib": torch.cuda.memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None}
     measured["forward_ms"], measured["forward_peak_mib"] = _time_call(forward, device, warmup, repeats)
     if backward:
