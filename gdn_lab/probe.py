@@ -32,7 +32,12 @@ from .layers import rotary
 FP32_TOLERANCE = 1e-4
 """Relative RMSE allowed between the probe's output and the torch backend's fp32 forward."""
 FLA_TOLERANCE = 5e-3
-"""Relative RMSE allowed with the fla backend or a 16-bit model: FLA's output tolerance against its naive recurrence."""
+"""Relative RMSE allowed with the fla backend in fp32: FLA's output tolerance against its naive recurrence."""
+HALF_TOLERANCE = 1e-2
+"""Relative RMSE allowed for a 16-bit GDN layer. FLA's chunk kernel alone is that far from the fp32
+recurrence at FLA's own 5e-3 (4.5e-3 on a bf16 layer, 256 wide, 300 tokens, H100), and the per-head
+RMSNorm after it magnifies relative error where o is small: the kernel fed the probe's own features
+lands 6.8e-3 from the layer's real forward, the probe's recurrence 7.1e-3."""
 
 
 class ProbeMismatch(RuntimeError):
@@ -202,8 +207,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _tolerance(layer, x: torch.Tensor) -> float:
-    fp32_torch = layer.kernel_backend(x.device) == "torch" and x.dtype == torch.float32
-    return FP32_TOLERANCE if fp32_torch else FLA_TOLERANCE
+    if x.dtype != torch.float32:
+        return HALF_TOLERANCE
+    return FP32_TOLERANCE if layer.kernel_backend(x.device) == "torch" else FLA_TOLERANCE
 
 
 def _check_output(what: str, recomputed: torch.Tensor, real: torch.Tensor, tolerance: float, detail: str) -> float:
@@ -224,7 +230,7 @@ def capture(model, input_ids: torch.Tensor, layers: Sequence[int] | None = None,
     fp32 recurrence, ||S_t||_F at every step, S_t at `state_steps` (None: none; "all"; or a list
     of steps), and the layer's real output. The recomputed output must match the real one within
     `tolerance` (relative RMSE; default FP32_TOLERANCE on the fp32 torch backend, FLA_TOLERANCE
-    with the fla backend or a 16-bit model), else ProbeMismatch. Keeping more than
+    with the fla backend in fp32, HALF_TOLERANCE for a 16-bit model), else ProbeMismatch. Keeping more than
     `max_state_bytes` of states raises ProbeMemoryError before any work is done.
     Works on either backend and any device; the Probe holds fp32 CPU tensors.
     """

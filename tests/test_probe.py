@@ -200,7 +200,8 @@ def test_probe_agrees_with_the_fla_backend(dtype):
                        attn_num_kv_heads=None).to("cuda", dtype)
     ids = torch.randint(0, 32, (2, 300), generator=torch.Generator().manual_seed(1)).cuda()
     probe = capture(model, ids, state_steps=[0, 299])
-    assert probe[0].tolerance == 5e-3 and probe.max_output_error <= 5e-3
+    tolerance = 5e-3 if dtype == torch.float32 else 1e-2  # FLA's output tolerance; HALF_TOLERANCE in bf16
+    assert probe[0].tolerance == tolerance and probe.max_output_error <= tolerance
     A = implicit_attention(probe[2], 3)
     assert relative_rmse(A @ probe[2].v[0, :, 3], probe[2].core_output[0, :, 3]) < 1e-4
     assert softmax_attention_map(model, ids, layer=1, head=0).shape == (300, 300)
