@@ -50,7 +50,7 @@ class GraphedTrainStep:
 
     def __init__(self, loss_fn, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dtype: torch.dtype,
                  grad_clip: float | None, example: tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
-        self.model, self.optimizer = model, optimizer
+        self.optimizer = optimizer
         self.static = [t.clone() for t in example]
         device = self.static[0].device
         for group in optimizer.param_groups:

@@ -18,6 +18,7 @@ backward through several calls works. Either way the same object comes back.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -85,12 +86,9 @@ def stacked_linear(x: torch.Tensor, groups: list[list[nn.Linear]], separate: boo
     x's gradient and one gives the group's weights, where `linear(...).split(...)` would first copy
     the groups' gradients into one [..., sum] tensor and separate linears would add their x gradients.
     """
-    sizes = [sum(linear.out_features for linear in group) for group in groups]
     weights = [linear.weight for group in groups for linear in group]
     if not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))):
-        if separate:
-            return tuple(F.linear(x, torch.cat([linear.weight for linear in group])) for group in groups)
-        return F.linear(x, torch.cat(weights)).split(sizes, dim=-1)
+        return _grouped_linear(x, weights, [len(group) for group in groups], separate)
     device_type = x.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
     with torch.autocast(device_type, enabled=False):
@@ -98,19 +96,31 @@ def stacked_linear(x: torch.Tensor, groups: list[list[nn.Linear]], separate: boo
                                     *(w.to(dtype) for w in weights))
 
 
+def _weight_groups(weights: tuple[torch.Tensor, ...] | list[torch.Tensor], group_lengths: list[int]
+                   ) -> list[tuple[torch.Tensor, ...]]:
+    """`weights` cut into consecutive groups of `group_lengths` weights."""
+    bounds = list(itertools.accumulate(group_lengths, initial=0))
+    return [tuple(weights[start:end]) for start, end in zip(bounds, bounds[1:])]
+
+
+def _as_one(group: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """A group's weights as one [out, D] matrix (the weight itself when the group has one)."""
+    return group[0] if len(group) == 1 else torch.cat(group)
+
+
+def _grouped_linear(x: torch.Tensor, weights: tuple[torch.Tensor, ...] | list[torch.Tensor],
+                    group_lengths: list[int], separate: bool) -> tuple[torch.Tensor, ...]:
+    """x through the grouped weights: one GEMM per group (`separate`: contiguous outputs), or one
+    GEMM on all the weights concatenated, its output split into one view per group."""
+    groups = _weight_groups(weights, group_lengths)
+    if separate:
+        return tuple(F.linear(x, _as_one(group)) for group in groups)
+    return F.linear(x, torch.cat(list(weights))).split([sum(w.shape[0] for w in g) for g in groups], dim=-1)
+
+
 class _StackedLinear(torch.autograd.Function):
     """`stacked_linear` under autograd: forward one GEMM (or one per group), backward per group
     (no gradient concatenation, x's gradient accumulated inside the GEMMs)."""
-
-    @staticmethod
-    def _groups(group_lengths: list[int], weights: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-        """The weights of each group as one [out, D] matrix (a view when the group has one)."""
-        groups, start = [], 0
-        for n in group_lengths:
-            group = weights[start:start + n]
-            groups.append(group[0] if n == 1 else torch.cat(group))
-            start += n
-        return groups
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group_lengths: list[int], separate: bool,
@@ -118,27 +128,20 @@ class _StackedLinear(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, *weights)
         ctx.group_lengths = group_lengths
-        if separate:
-            return tuple(F.linear(x, w) for w in _StackedLinear._groups(group_lengths, weights))
-        sizes, start = [], 0
-        for n in group_lengths:
-            sizes.append(sum(w.shape[0] for w in weights[start:start + n]))
-            start += n
-        return F.linear(x, torch.cat(weights)).split(sizes, dim=-1)
+        return _grouped_linear(x, weights, group_lengths, separate)
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor | None):
         x, *weights = ctx.saved_tensors
         x2 = x.reshape(-1, x.shape[-1])
-        dx, dweights, start = None, [], 0
-        for n, weight, dy in zip(ctx.group_lengths, _StackedLinear._groups(ctx.group_lengths, weights), grads):
-            group = weights[start:start + n]
-            start += n
+        dx, dweights = None, []
+        for group, dy in zip(_weight_groups(weights, ctx.group_lengths), grads):
             if dy is None:  # an unused group: zero gradients, as linear(...).split(...) would give
                 dweights += [torch.zeros_like(w) for w in group]
                 continue
             dy2 = dy.reshape(-1, dy.shape[-1])
             if ctx.needs_input_grad[0]:
+                weight = _as_one(group)
                 dx = dy2 @ weight if dx is None else dx.addmm_(dy2, weight)
             dweights += list((dy2.t() @ x2).split([w.shape[0] for w in group]))
         if dx is None and ctx.needs_input_grad[0]:
@@ -192,12 +195,13 @@ class GDNFeatures:
 
 @dataclass
 class GDNProjections:
-    """The six input projections of x, from one matmul (`GatedDeltaNet.project`).
+    """The six input projections of x (`GatedDeltaNet.project`).
 
     q, k [B, T, key_dim], v [B, T, value_dim] (x W_q, x W_k, x W_v; zero at masked steps),
     a [B, T, H] (x W_a; None without decay), b [B, T, H] (x W_b), gate [B, T, H, V] (x W_g;
-    None without use_gate). All in the matmul's dtype, views into its one output; no activation
-    applied yet.
+    None without use_gate). All in the matmul's dtype; no activation applied yet. From one matmul
+    they are views into its output (`joint_qkv` holds q, k and v side by side); from `separate`
+    GEMMs, q, k, v and gate are contiguous tensors of their own.
     """
 
     q: torch.Tensor
@@ -355,8 +359,12 @@ class GatedDeltaNet(KernelBackend, nn.Module):
         if mask is not None:  # outputs: [q, k, v] or [qkv]
             outputs = [z * mask[..., None].to(z.dtype) for z in outputs]
         joint = None if separate else outputs[0]
-        q, k, v = outputs if separate else joint.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q, k, v = outputs if separate else self._split_qkv(joint)
         return GDNProjections(q=q, k=k, v=v, a=a, b=b, gate=gate, joint_qkv=joint)
+
+    def _split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[B, T, 2*key_dim + value_dim] -> q, k [B, T, key_dim], v [B, T, value_dim] (views)."""
+        return qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
 
     def _split_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -397,7 +405,7 @@ class GatedDeltaNet(KernelBackend, nn.Module):
             window = torch.cat([history, qkv.transpose(1, 2)], dim=-1)        # [B, C, W - 1 + T]
             qkv = F.conv1d(window, weight, bias, groups=self.conv_dim).transpose(1, 2)
             conv_state = window[..., -(self.conv_size - 1):]
-        q, k, v = self._split_heads(*F.silu(qkv).split([self.key_dim, self.key_dim, self.value_dim], dim=-1))
+        q, k, v = self._split_heads(*self._split_qkv(F.silu(qkv)))
         g, beta = self.gates(p, mask)
         return GDNFeatures(l2_normalize(q), l2_normalize(k), v, g, beta, conv_state, p.gate)
 
@@ -456,7 +464,7 @@ class GatedDeltaNet(KernelBackend, nn.Module):
             qkv, final_window = causal_conv1d(x=p.qkv, weight=weight.squeeze(1), bias=bias, initial_state=window,
                                               output_final_state=True, activation="silu")
             conv_state = final_window[..., 1:]
-            q, k, v = self._split_heads(*qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1))
+            q, k, v = self._split_heads(*self._split_qkv(qkv))
         else:
             q, k, v = self._split_heads(F.silu(p.q), F.silu(p.k), F.silu(p.v))
         if mask is None:  # raw gate inputs: the kernel applies softplus / sigmoid itself

@@ -357,13 +357,17 @@ def train(model: torch.nn.Module, train_config: TrainConfig, data, run_dir: str 
         if on_eval is not None:
             on_eval(step, record, history)
 
-    def stop_if_diverged(loss_value: float, lr: float) -> None:
+    def read_step(loss: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> tuple[float, float]:
+        """The step's loss and gradient norm as floats (one sync); on a NaN/inf loss, checkpoint the
+        weights from before the step and raise TrainingDiverged."""
+        loss_value, grad_norm_value = torch.stack([loss.double(), grad_norm.double()]).tolist()
         if not math.isfinite(loss_value):
             path = run_dir / "checkpoints" / f"diverged_step_{step}.pt"
             if launch.is_main:
                 save_checkpoint(path, checkpoint())
             raise TrainingDiverged(f"loss became {loss_value} at step {step + 1} (lr {lr:.2e}); weights before "
                                    f"it saved to {path}: lower lr, raise warmup_steps or set grad_clip")
+        return loss_value, grad_norm_value
 
     def eager_step(batch, lr: float) -> tuple[float, float]:
         """One optimizer step on `batch` (micro-batches, DDP, GradScaler): (loss, grad norm)."""
@@ -385,8 +389,7 @@ def train(model: torch.nn.Module, train_config: TrainConfig, data, run_dir: str 
         step_loss = _all_reduce_sum(step_loss, launch) / scored
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-        loss_value, grad_norm = torch.stack([step_loss, grad_norm.double()]).tolist()
-        stop_if_diverged(loss_value, lr)
+        loss_value, grad_norm = read_step(step_loss, grad_norm, lr)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -400,8 +403,7 @@ def train(model: torch.nn.Module, train_config: TrainConfig, data, run_dir: str 
             batch = data.train_batch(step, cfg.batch_size, launch.rank, launch.world_size).to(device)
             if graphed is not None:
                 loss, grad_norm = graphed.forward_backward(batch.inputs, batch.targets, batch.mask)
-                loss_value, grad_norm = torch.stack([loss.double(), grad_norm.double()]).tolist()
-                stop_if_diverged(loss_value, lr)
+                loss_value, grad_norm = read_step(loss, grad_norm, lr)
                 graphed.optimizer_step(lr)
             else:
                 loss_value, grad_norm = eager_step(batch, lr)
