@@ -98,6 +98,11 @@ class ModelConfig:
     layer is `num_heads x head_dim x head_dim*expand_v` per sequence.
     `attn_layers` takes indices or a pattern name (see `hybrid_layers`), resolved to indices.
     `use_decay=False` is the DeltaNet ablation (alpha_t = 1: no forgetting gate).
+    `dt_min`, `dt_max`: the decay init range: per head dt ~ log-uniform in [dt_min, dt_max],
+    dt_bias = softplus^-1(dt) (FLA's [1e-3, 0.1] by default; [1e-4, 1e-3] starts with slower decay).
+    `attn_conv_size` > 0 puts a causal depthwise conv of that width on the attention mixer's
+    q, k and v (after the projections, before RoPE; identity at init), as zoology's MQAR
+    baselines do; 0 is plain attention.
     """
 
     vocab_size: int = 256
@@ -113,10 +118,13 @@ class ModelConfig:
     conv_size: int = 4
     allow_neg_eigval: bool = False
     use_decay: bool = True
+    dt_min: float = 1e-3
+    dt_max: float = 0.1
     # softmax attention mixer (SDPA + RoPE)
     attn_num_heads: int = 4
     attn_num_kv_heads: int | None = None
     rope_theta: float = 10000.0
+    attn_conv_size: int = 0
     max_position_embeddings: int = 2048
     # MLP (SwiGLU) and the rest
     hidden_ratio: int = 4
@@ -148,6 +156,8 @@ class ModelConfig:
                      f"pick expand_v so the value head dim is whole")
             _require(self.conv_size >= 2 or not self.use_short_conv,
                      f"conv_size={self.conv_size}; use >= 2 or use_short_conv=False")
+            _require(0 < self.dt_min <= self.dt_max,
+                     f"dt_min={self.dt_min}, dt_max={self.dt_max}; use 0 < dt_min <= dt_max (FLA: 1e-3, 0.1)")
         if self.num_attn_layers:
             _require(self.hidden_size % self.attn_num_heads == 0,
                      f"hidden_size={self.hidden_size} is not divisible by attn_num_heads={self.attn_num_heads}; "
@@ -157,6 +167,8 @@ class ModelConfig:
                      f"attn_num_heads={self.attn_num_heads} is not divisible by attn_num_kv_heads={kv}")
             _require((self.hidden_size // self.attn_num_heads) % 2 == 0,
                      f"attention head dim {self.hidden_size // self.attn_num_heads} must be even for RoPE")
+            _require(self.attn_conv_size == 0 or self.attn_conv_size >= 2,
+                     f"attn_conv_size={self.attn_conv_size}; use 0 (no conv) or a kernel width >= 2")
 
     @property
     def mixers(self) -> tuple[str, ...]:
@@ -202,6 +214,8 @@ class TrainConfig:
     `batch_size` is the global batch in sequences per optimizer step: each of `world_size`
     processes runs `grad_accum` micro-batches of `batch_size / (grad_accum * world_size)`.
     `lr` peaks after `warmup_steps` and decays by cosine to `lr * min_lr_ratio` at `steps`.
+    `stop_at_val_acc`: stop at the first evaluation (every `eval_every` steps) whose val_acc
+    reaches it, ending the run there as if `steps` were done (None: always train `steps`).
     """
 
     steps: int = 200
@@ -225,6 +239,7 @@ class TrainConfig:
     # replay each step from CUDA graphs (gdn_lab.cuda_graph; one CUDA process, grad_accum 1, bf16/fp32);
     # None: where that runs, False elsewhere
     cuda_graph: bool | None = None
+    stop_at_val_acc: float | None = None
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches"):
@@ -239,6 +254,11 @@ class TrainConfig:
                  f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
         _require(self.dtype in ("auto", "float32", "bfloat16", "float16"),
                  f"dtype={self.dtype!r}; use 'auto', 'float32', 'bfloat16' or 'float16'")
+        if self.stop_at_val_acc is not None:
+            _require(0 < self.stop_at_val_acc <= 1, f"stop_at_val_acc must be in (0, 1] or None, "
+                                                    f"got {self.stop_at_val_acc}")
+            _require(self.eval_every > 0, f"stop_at_val_acc={self.stop_at_val_acc} is checked at evaluations, "
+                                          f"but eval_every=0 never evaluates: set eval_every > 0")
 
     def micro_batch_size(self, world_size: int = 1) -> int:
         """Sequences per micro-step on one process; one-line error when it does not divide."""

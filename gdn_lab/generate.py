@@ -167,9 +167,10 @@ class CapturedDecoder:
 
     Buffers (none changes shape or address): the model's `Cache` made with `max_len` (per GDN
     layer conv [B, C, W-1] and state [B, H, K, V] fp32; per attention layer k, v
-    [B, Hkv, max_len, hd], valid [B, max_len], and the fill level and RoPE positions as
-    tensors, so the step works at any position < max_len), the input `tokens` [B] and the
-    output `logits` [B, vocab] fp32. The layers update these in place under no_grad.
+    [B, Hkv, max_len, hd], valid [B, max_len], its conv window [B, C, W-1] (width 0 without
+    `attn_conv_size`), and the fill level and RoPE positions as tensors, so the step works at
+    any position < max_len), the input `tokens` [B] and the output `logits` [B, vocab] fp32.
+    The layers update these in place under no_grad.
 
     `prefill(input_ids, attention_mask)` resets the buffers and runs the prompt eagerly with
     the chunked kernels straight into them; `step(tokens)` writes the tokens, replays the

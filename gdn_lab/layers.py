@@ -248,8 +248,9 @@ class GatedDeltaNet(KernelBackend, nn.Module):
         o = gated delta rule(q, k, v, g, beta)        (gdn_lab.ops or FLA's kernels)
         y = o_proj(RMSNorm(o) * SiLU(x W_g))          (plain RMSNorm with use_gate=False)
 
-    `use_decay=False` is the DeltaNet ablation: no a_proj, A_log or dt_bias. Grouped value
-    heads (FLA's num_v_heads > num_heads) are not supported: value heads = num_heads.
+    `use_decay=False` is the DeltaNet ablation: no a_proj, A_log or dt_bias. `dt_min`, `dt_max`:
+    the range of the decay init (`reset_decay_parameters`). Grouped value heads (FLA's
+    num_v_heads > num_heads) are not supported: value heads = num_heads.
     """
 
     def __init__(
@@ -264,6 +265,8 @@ class GatedDeltaNet(KernelBackend, nn.Module):
         conv_bias: bool = False,
         allow_neg_eigval: bool = False,
         use_decay: bool = True,
+        dt_min: float = 1e-3,
+        dt_max: float = 0.1,
         norm_eps: float = 1e-5,
         backend: str = "auto",
         layer_idx: int | None = None,
@@ -275,12 +278,15 @@ class GatedDeltaNet(KernelBackend, nn.Module):
                               f"pick expand_v so the value head dim is whole")
         if use_short_conv and conv_size < 2:
             raise ConfigError(f"conv_size={conv_size}; use >= 2 or use_short_conv=False")
+        if not 0 < dt_min <= dt_max:
+            raise ConfigError(f"dt_min={dt_min}, dt_max={dt_max}; use 0 < dt_min <= dt_max (FLA: 1e-3, 0.1)")
         self._init_backend(backend)
         self.hidden_size, self.num_heads, self.expand_v = hidden_size, num_heads, expand_v
         self.head_k_dim, self.head_v_dim = head_dim, int(round(head_v_dim))
         self.key_dim, self.value_dim = num_heads * head_dim, num_heads * self.head_v_dim
         self.use_gate, self.use_short_conv, self.use_decay = use_gate, use_short_conv, use_decay
         self.allow_neg_eigval, self.conv_size, self.conv_bias = allow_neg_eigval, conv_size, conv_bias
+        self.dt_min, self.dt_max = dt_min, dt_max
         self.layer_idx = layer_idx
         self._training_backend_checked = False
 
@@ -305,11 +311,13 @@ class GatedDeltaNet(KernelBackend, nn.Module):
 
     @torch.no_grad()
     def reset_decay_parameters(self) -> None:
-        """FLA's init: A ~ U(0, 16), A_log = log A; dt log-uniform in [1e-3, 0.1] (floor 1e-4),
-        dt_bias = softplus^-1(dt). Both are excluded from weight decay (`_no_weight_decay`)."""
+        """FLA's init: A ~ U(0, 16), A_log = log A; dt log-uniform in [dt_min, dt_max] (FLA: [1e-3, 0.1];
+        floor min(1e-4, dt_min)), dt_bias = softplus^-1(dt). Both are excluded from weight decay
+        (`_no_weight_decay`)."""
         self.A_log.copy_(torch.empty_like(self.A_log, dtype=torch.float32).uniform_(0, 16).log())
-        dt = torch.exp(torch.rand_like(self.dt_bias, dtype=torch.float32) * (math.log(0.1) - math.log(0.001))
-                       + math.log(0.001)).clamp(min=1e-4)
+        log_min, log_max = math.log(self.dt_min), math.log(self.dt_max)
+        dt = torch.exp(torch.rand_like(self.dt_bias, dtype=torch.float32) * (log_max - log_min)
+                       + log_min).clamp(min=min(1e-4, self.dt_min))
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
         self.A_log._no_weight_decay = True
         self.dt_bias._no_weight_decay = True
@@ -497,8 +505,10 @@ class KVState:
 
     k, v [B, Hkv, Tmax, head_dim]; length [] long (slots filled, the same for every sequence);
     valid [B, Tmax] bool (False at padded slots); position [B] long (RoPE position of each
-    sequence's next token: left padding does not count). Without `max_len` the buffers grow by
-    concatenation (Tmax == length); with it they are preallocated and written in place.
+    sequence's next token: left padding does not count); conv [B, hidden + 2*Hkv*head_dim, W - 1]:
+    the last inputs of the short conv (q, k, v channels in that order; width 0 without one).
+    Without `max_len` the KV buffers grow by concatenation (Tmax == length); with it they are
+    preallocated and written in place. The conv window is always written in place under no_grad.
     """
 
     k: torch.Tensor
@@ -506,6 +516,7 @@ class KVState:
     length: torch.Tensor
     valid: torch.Tensor
     position: torch.Tensor
+    conv: torch.Tensor
     max_len: int | None = None
 
 
@@ -522,37 +533,82 @@ class Attention(nn.Module):
 
     Parameter names follow `fla.layers.Attention` (q_proj, k_proj, v_proj, o_proj, no biases),
     but the kernel is `F.scaled_dot_product_attention`, so no flash-attn is needed.
+    `conv_size` >= 2 adds a causal depthwise conv of that width on q, k and v after their
+    projections, before RoPE (q_conv1d, k_conv1d, v_conv1d, no bias, no activation; the
+    "attention with short conv" of zoology's MQAR baselines), initialised to the identity;
+    0 (the default) has none, and FLA's parameters.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None,
-                 rope_theta: float = 1e4, layer_idx: int | None = None):
+                 rope_theta: float = 1e4, conv_size: int = 0, layer_idx: int | None = None):
         super().__init__()
         num_kv_heads = num_kv_heads or num_heads
         if hidden_size % num_heads or num_heads % num_kv_heads or (hidden_size // num_heads) % 2:
             raise ConfigError(f"attention needs hidden_size % num_heads == 0, num_heads % num_kv_heads == 0 and "
                               f"an even head dim; got {hidden_size}, {num_heads}, {num_kv_heads}")
+        if not (conv_size == 0 or conv_size >= 2):
+            raise ConfigError(f"attention conv_size={conv_size}; use 0 (no conv) or a kernel width >= 2")
         self.hidden_size, self.num_heads, self.num_kv_heads = hidden_size, num_heads, num_kv_heads
         self.head_dim = hidden_size // num_heads
-        self.layer_idx = layer_idx
+        self.kv_dim = num_kv_heads * self.head_dim
+        self.conv_size, self.layer_idx = conv_size, layer_idx
         self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
-        self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, self.kv_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, self.kv_dim, bias=False)
+        if conv_size:
+            self.q_conv1d, self.k_conv1d, self.v_conv1d = (
+                nn.Conv1d(dim, dim, conv_size, groups=dim, padding=conv_size - 1, bias=False)
+                for dim in (hidden_size, self.kv_dim, self.kv_dim))
+            self.reset_conv_parameters()
         self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         inv_freq = 1.0 / rope_theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def empty_state(self, batch_size: int, max_len: int | None = None, device: torch.device | str | None = None,
                     dtype: torch.dtype | None = None) -> KVState:
-        """An empty KV cache; with `max_len`, fixed buffers [B, Hkv, max_len, head_dim]."""
+        """An empty KV cache; with `max_len`, fixed buffers [B, Hkv, max_len, head_dim]; a zero conv
+        window [B, conv_dim, conv_size - 1] (width 0 without a short conv)."""
         weight = self.k_proj.weight
         device, dtype = device or weight.device, dtype or weight.dtype
         slots = max_len or 0
         shape = (batch_size, self.num_kv_heads, slots, self.head_dim)
+        conv_width = self.conv_size - 1 if self.conv_size else 0
         return KVState(k=torch.zeros(shape, device=device, dtype=dtype),
                        v=torch.zeros(shape, device=device, dtype=dtype),
                        length=torch.zeros((), device=device, dtype=torch.long),
                        valid=torch.zeros(batch_size, slots, device=device, dtype=torch.bool),
-                       position=torch.zeros(batch_size, device=device, dtype=torch.long), max_len=max_len)
+                       position=torch.zeros(batch_size, device=device, dtype=torch.long),
+                       conv=torch.zeros(batch_size, self.conv_dim, conv_width, device=device, dtype=dtype),
+                       max_len=max_len)
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of the short conv: q, k and v side by side (hidden_size + 2 * kv_dim)."""
+        return self.hidden_size + 2 * self.kv_dim
+
+    @torch.no_grad()
+    def reset_conv_parameters(self) -> None:
+        """Identity init of the short convs (last tap 1, earlier taps 0): a fresh layer computes what
+        it would without them. `CausalLM._init_weights` calls it after its N(0, std) conv init."""
+        for conv in (self.q_conv1d, self.k_conv1d, self.v_conv1d):
+            conv.weight.zero_()
+            conv.weight[..., -1] = 1
+
+    def short_conv(self, qkv: torch.Tensor, state: KVState | None = None,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+        """qkv [B, T, conv_dim] (x W_q, x W_k, x W_v side by side) -> the causal depthwise conv of it,
+        [B, T, conv_dim], no activation. The conv starts from `state.conv` [B, conv_dim, W - 1]
+        (zeros without a state) and leaves the last W - 1 inputs there; mask [B, T] bool zeroes
+        the inputs at padded steps, so left padding is exact."""
+        if mask is not None:
+            qkv = qkv * mask[..., None].to(qkv.dtype)
+        history = state.conv.to(qkv.dtype) if state is not None else qkv.new_zeros(
+            qkv.shape[0], self.conv_dim, self.conv_size - 1)
+        window = torch.cat([history, qkv.transpose(1, 2)], dim=-1)            # [B, C, W - 1 + T]
+        weight = torch.cat([conv.weight for conv in (self.q_conv1d, self.k_conv1d, self.v_conv1d)])
+        if state is not None:
+            state.conv = _assign(state.conv, window[..., -(self.conv_size - 1):])
+        return F.conv1d(window, weight, groups=self.conv_dim).transpose(1, 2)
 
     @staticmethod
     def _append(state: KVState, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -584,7 +640,11 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         if mask is not None:
             mask = mask.to(device=x.device, dtype=torch.bool)
-        q, k, v = stacked_linear(x, [[self.q_proj], [self.k_proj], [self.v_proj]])
+        if self.conv_size:
+            (qkv,) = stacked_linear(x, [[self.q_proj, self.k_proj, self.v_proj]])
+            q, k, v = self.short_conv(qkv, state, mask).split([self.hidden_size, self.kv_dim, self.kv_dim], dim=-1)
+        else:
+            q, k, v = stacked_linear(x, [[self.q_proj], [self.k_proj], [self.v_proj]])
         q = q.reshape(B, T, self.num_heads, self.head_dim)
         k, v = k.reshape(B, T, self.num_kv_heads, self.head_dim), v.reshape(B, T, self.num_kv_heads, self.head_dim)
         steps = torch.arange(T, device=x.device) if mask is None else (mask.long().cumsum(1) - 1).clamp(min=0)
@@ -644,13 +704,13 @@ class Block(KernelBackend, nn.Module):
         self.attn_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
         if self.mixer == "attn":
             self.attn = Attention(config.hidden_size, config.attn_num_heads, config.attn_num_kv_heads,
-                                  rope_theta=config.rope_theta, layer_idx=layer_idx)
+                                  rope_theta=config.rope_theta, conv_size=config.attn_conv_size, layer_idx=layer_idx)
         else:
             self.attn = GatedDeltaNet(
                 config.hidden_size, config.num_heads, config.head_dim, expand_v=config.expand_v,
                 use_gate=config.use_gate, use_short_conv=config.use_short_conv, conv_size=config.conv_size,
-                allow_neg_eigval=config.allow_neg_eigval, use_decay=config.use_decay, norm_eps=config.norm_eps,
-                backend=config.backend, layer_idx=layer_idx)
+                allow_neg_eigval=config.allow_neg_eigval, use_decay=config.use_decay, dt_min=config.dt_min,
+                dt_max=config.dt_max, norm_eps=config.norm_eps, backend=config.backend, layer_idx=layer_idx)
         self.mlp_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.mlp = MLP(config.hidden_size, config.mlp_intermediate_size, backend=config.backend)
 

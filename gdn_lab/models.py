@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import PRESETS, ConfigError, ModelConfig, get_preset
-from .layers import Block, GatedDeltaNet, GDNState, KernelBackend, KVState, RMSNorm
+from .layers import Attention, Block, GatedDeltaNet, GDNState, KernelBackend, KVState, RMSNorm
 
 IGNORE_INDEX = -100
 
@@ -74,10 +74,13 @@ class CausalLM(KernelBackend, nn.Module):
 
     def _init_weights(self, module: nn.Module) -> None:
         """FLA's `_init_weights`: N(0, initializer_range) for linear, conv and embedding weights,
-        zero biases, FLA's A_log / dt_bias init for GDN layers, ones for norms."""
+        zero biases, FLA's A_log / dt_bias init for GDN layers, ones for norms. An attention
+        layer's short convs go back to the identity (`apply` visits a module after its children)."""
         std = self.config.initializer_range
         if isinstance(module, GatedDeltaNet) and module.use_decay:
             module.reset_decay_parameters()
+        elif isinstance(module, Attention) and module.conv_size:
+            module.reset_conv_parameters()
         elif isinstance(module, (nn.Linear, nn.Conv1d, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if getattr(module, "bias", None) is not None:
@@ -167,9 +170,13 @@ def build_model(config: ModelConfig | str, vocab_size: int | None = None,
 
 
 def _fla_config(config: ModelConfig):
-    """FLA's GatedDeltaNetConfig for a pure-GDN ModelConfig (one-line ConfigError otherwise)."""
+    """FLA's GatedDeltaNetConfig for a pure-GDN ModelConfig (one-line ConfigError otherwise).
+    dt_min / dt_max only shape the init and FLA's config has no such fields: not exported."""
     from fla.models import GatedDeltaNetConfig
 
+    if config.attn_conv_size:
+        raise ConfigError(f"to_fla: attn_conv_size={config.attn_conv_size} has no FLA twin (FLA's attention has "
+                          f"no short conv); export a model with attn_conv_size=0")
     if config.num_attn_layers:
         raise ConfigError(f"to_fla exports pure-GDN models; this one has attention layers {config.attn_layers}")
     if not config.use_decay:
@@ -195,7 +202,8 @@ def to_fla(model: CausalLM):
 
 
 def _model_config_from_fla(fla_config, backend: str) -> ModelConfig:
-    """The ModelConfig of FLA's GatedDeltaNetConfig; ConfigError for FLA options gdn_lab does not implement."""
+    """The ModelConfig of FLA's GatedDeltaNetConfig (dt_min / dt_max at their defaults: FLA's
+    config has none); ConfigError for FLA options gdn_lab does not implement."""
     supported = {  # FLA config field -> the values gdn_lab implements
         "attn": (None,), "num_v_heads": (None, fla_config.num_heads), "hidden_act": ("swish",),
         "attnres_block_size": (None,), "output_gate_activation": ("swish", "silu"),
@@ -241,7 +249,7 @@ def count_params(config: ModelConfig) -> int:
            + config.head_v_dim + value_dim * D)                             # o_norm, o_proj
     attn_head_dim = D // config.attn_num_heads
     kv_dim = (config.attn_num_kv_heads or config.attn_num_heads) * attn_head_dim
-    attn = 2 * D * D + 2 * D * kv_dim
+    attn = 2 * D * D + 2 * D * kv_dim + (D + 2 * kv_dim) * config.attn_conv_size   # q/k/v/o, q/k/v_conv1d
     per_block = 2 * D + 3 * D * hidden_mlp                                  # norms, MLP
     mixers = config.num_gdn_layers * gdn + config.num_attn_layers * attn
     embeddings = config.vocab_size * D * (1 if config.tie_embeddings else 2)

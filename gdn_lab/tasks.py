@@ -18,28 +18,24 @@ half, so a value never reads as a key.
 so the one training loop in `gdn_lab.train` trains on tasks as it trains on text.
 
 Scoring: `masked_accuracy(logits, batch)` and `exact_match(logits, batch)` on logits [B, T, V];
-`evaluate_task(model, data)` over fixed validation batches. Experiments (notebook 02):
-`contender_configs` (GDN, Transformer, DeltaNet, Hybrid at one width), `train_on_task` and
-`train_on_tasks` (build, train, score; one record per run), `accuracy_by_length` and `longest_solved`
-(how long a string a model copies), `state_norm_while_copying` (through `gdn_lab.probe`).
+`evaluate_task(model, data)` over fixed validation batches (MQAR: zoology's per-query accuracy);
+`copy_by_length` / `score_copy` generate the copy greedily and score exact match of the whole
+string, as the copying literature does. Experiments (notebook 02, trained and summarised through
+`gdn_lab.grid`): `contender_configs` (the models at one width, each with its standard components),
+`longest_solved` (how long a string a model copies), `state_norm_while_copying` (through `gdn_lab.probe`).
 """
 from __future__ import annotations
 
 import hashlib
 import inspect
-import os
-import pathlib
-import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 
 from . import probe
-from .config import ConfigError, ModelConfig, TrainConfig
+from .config import ConfigError, ModelConfig
 from .data import Batch
-from .models import CausalLM, build_model
-from .train import train
+from .models import CausalLM
 
 PAD = 0
 SEP = 1
@@ -288,6 +284,10 @@ def evaluate_task(model: torch.nn.Module, data: TaskData, batch_size: int = 32, 
 
     Returns {"accuracy": answer tokens right / answer tokens, "exact_match": sequences with
     every answer right / sequences}. The model's forward without targets gives logits [B, T, V].
+    For MQAR "accuracy" is zoology's metric, the share of queries answered right, read from one
+    forward pass: an answer is predicted at its query token and never fed back, so none leaks into
+    another. (For copy it is teacher-forced; `copy_by_length` generates.) A grid score as
+    `functools.partial(evaluate_task, batch_size=..., num_batches=...)`.
     """
     right = answers = exact = sequences = 0
     for batch in data.val_batches(batch_size, num_batches):
@@ -303,19 +303,27 @@ def evaluate_task(model: torch.nn.Module, data: TaskData, batch_size: int = 32, 
 
 
 def contender_configs(vocab_size: int, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 2,
-                      head_dim: int = 32, attn_num_heads: int = 2, hybrid_attn_layers: str | tuple = "late",
-                      backend: str = "auto", **common) -> dict[str, ModelConfig]:
-    """The four models the notebook compares, at one width (hidden size, depth, MLP):
+                      head_dim: int = 64, attn_num_heads: int = 2, hybrid_attn_layers: str | tuple = "late",
+                      attn_conv_size: int = 4, slow_dt: tuple[float, float] = (1e-4, 1e-3), backend: str = "auto",
+                      **common) -> dict[str, ModelConfig]:
+    """The models the notebook compares, at one width (hidden size, depth, MLP), each with the
+    components its literature gives it:
 
-    GDN (every layer Gated DeltaNet), Transformer (every layer SDPA attention with RoPE),
-    DeltaNet (GDN without the decay gate: `use_decay=False`) and Hybrid (GDN with attention at
-    `hybrid_attn_layers`; 'late' puts it in the top layer of a 2-layer model).
-    `common`: any other ModelConfig field, shared by all four.
+    GDN (every layer Gated DeltaNet, FLA's decay init: dt in [1e-3, 0.1]), GDN slow decay (dt in
+    `slow_dt`: the state starts near alpha = 1 and forgets slowly), DeltaNet (GDN without the decay
+    gate: `use_decay=False`), Transformer (every layer SDPA attention with RoPE and a short conv of
+    `attn_conv_size` taps on q, k, v, as zoology's attention baselines have), Transformer (no conv)
+    (the same without it: it must build an induction circuit from two layers) and Hybrid (GDN with
+    attention, conv included, at `hybrid_attn_layers`; 'late' puts it in the top layer of 2).
+    `common`: any other ModelConfig field, shared by all (e.g. tie_embeddings=True).
     """
     base = ModelConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
-                       head_dim=head_dim, attn_num_heads=attn_num_heads, backend=backend, **common)
-    return {"GDN": base, "Transformer": base.replace(attn_layers="transformer"),
-            "DeltaNet": base.replace(use_decay=False), "Hybrid": base.replace(attn_layers=hybrid_attn_layers)}
+                       head_dim=head_dim, attn_num_heads=attn_num_heads, attn_conv_size=attn_conv_size,
+                       backend=backend, **common)
+    return {"GDN": base, "GDN slow decay": base.replace(dt_min=slow_dt[0], dt_max=slow_dt[1]),
+            "DeltaNet": base.replace(use_decay=False), "Transformer": base.replace(attn_layers="transformer"),
+            "Transformer (no conv)": base.replace(attn_layers="transformer", attn_conv_size=0),
+            "Hybrid": base.replace(attn_layers=hybrid_attn_layers)}
 
 
 def state_key_dims(config: ModelConfig) -> int:
@@ -324,77 +332,46 @@ def state_key_dims(config: ModelConfig) -> int:
     return config.num_heads * config.head_dim if config.num_gdn_layers else 0
 
 
-@dataclass
-class TaskRun:
-    """One model trained on one task: `record` (settings and scores, JSON-ready) and the model."""
+@torch.no_grad()
+def copy_by_length(model: CausalLM, data: TaskData, lengths: Sequence[int], batch_size: int = 64,
+                   num_batches: int = 1) -> list[dict]:
+    """Copy (or reverse) scored the way the literature scores it, at fixed string lengths.
 
-    record: dict
-    model: CausalLM
-
-
-def train_on_task(name: str, config: ModelConfig, data: TaskData, train_config: TrainConfig,
-                  run_dir: str | os.PathLike, eval_batch_size: int = 64, eval_batches: int = 4,
-                  progress: bool = False) -> TaskRun:
-    """Build `config` (seeded by `train_config.seed`), train it on `data` with the one training
-    loop (`gdn_lab.train.train`, seq_len taken from `data`), score it with `evaluate_task`.
-
-    The record holds the model name, the task settings, lr, num_heads, head_dim, state_key_dims,
-    num_params, train_seconds, final_val_loss, accuracy and exact_match.
+    For each length L the model reads the string and SEP (the prompt, [B, L + 1]) and writes L
+    tokens greedily from its own outputs (`gdn_lab.generate.generate`, temperature 0, the
+    recurrent or KV cache). Returns [{"length", "exact_match": strings copied without a single
+    wrong token / strings, "token_accuracy": generated tokens right / tokens, "teacher_forced_accuracy":
+    the argmax accuracy when every earlier answer token is the right one (what the loss trains;
+    an upper bound that hides compounding errors)}].
     """
-    torch.manual_seed(train_config.seed)
-    model = build_model(config)
-    result = train(model, train_config.replace(seq_len=data.seq_len), data, run_dir, progress=progress)
-    score = evaluate_task(model, data, eval_batch_size, eval_batches)
-    record = {"model": name, **data.describe(), "lr": train_config.lr, "num_heads": config.num_heads,
-              "head_dim": config.head_dim,
-              "state_key_dims": state_key_dims(config), "num_params": model.num_params(),
-              "train_seconds": result.metrics["train_seconds"], "final_val_loss": result.metrics["final_val_loss"],
-              **score}
-    return TaskRun(record, model)
+    from .generate import generate
+
+    curve = []
+    for length in lengths:
+        fixed = data.replace(min_length=length, max_length=length)
+        exact = right = tokens = forced = 0
+        for batch in fixed.val_batches(batch_size, num_batches):
+            prompt = batch.inputs[:, :length + 1]
+            answer = batch.targets[batch.mask].view(-1, length)
+            written = torch.tensor(generate(model, prompt, max_new_tokens=length, temperature=0))
+            hits = written == answer
+            exact += int(hits.all(dim=1).sum())
+            right += int(hits.sum())
+            tokens += hits.numel()
+            forced += int(answer_correct(task_logits(model, batch), batch).sum())
+        curve.append({"length": length, "exact_match": exact / (tokens // length), "token_accuracy": right / tokens,
+                      "teacher_forced_accuracy": forced / tokens})
+    return curve
 
 
-def run_name(name: str, data: TaskData, config: ModelConfig) -> str:
-    """A folder name for one run: 'GDN_mqar_T128_num_kv_pairs8_H2_K32' (characters other than
-    letters, digits, '.' and '-' in `name` become '-')."""
-    settings = "".join(f"_{key}{value}" for key, value in data.task_kwargs.items())
-    folder = re.sub(r"[^A-Za-z0-9.-]+", "-", name).strip("-")
-    return f"{folder}_{data.task}_T{data.seq_len}{settings}_H{config.num_heads}_K{config.head_dim}"
-
-
-def train_on_tasks(points: Iterable[tuple[str, ModelConfig, TaskData]], train_config: TrainConfig,
-                   run_dir: str | os.PathLike, eval_batch_size: int = 64, eval_batches: int = 4,
-                   progress: bool = False, learning_rates: Sequence[float] | None = None) -> list[TaskRun]:
-    """`train_on_task` for each (name, config, data), each in `run_dir/run_name(...)`.
-
-    learning_rates: None trains each point once at `train_config.lr`. A list trains each point once
-    per rate (in `run_dir/run_name(...)/lr<rate>`) and keeps the run with the highest accuracy
-    (ties: the lower validation loss), as zoology keeps the best of four rates per point; its record
-    gains "lr_accuracy" {rate: accuracy}. The choice is made on the scoring batches themselves, as
-    in zoology: it reports what the best rate reached, not a held-out estimate.
-    """
-    runs = []
-    for name, config, data in points:
-        folder = pathlib.Path(run_dir) / run_name(name, data, config)
-        if not learning_rates:
-            runs.append(train_on_task(name, config, data, train_config, folder, eval_batch_size, eval_batches,
-                                      progress))
-            continue
-        tried = [train_on_task(name, config, data, train_config.replace(lr=rate), folder / f"lr{rate:g}",
-                               eval_batch_size, eval_batches, progress) for rate in learning_rates]
-        best = max(tried, key=lambda run: (run.record["accuracy"], -run.record["final_val_loss"]))
-        best.record["lr_accuracy"] = {f"{rate:g}": run.record["accuracy"]
-                                      for rate, run in zip(learning_rates, tried, strict=True)}
-        runs.append(best)
-    return runs
-
-
-def accuracy_by_length(model: torch.nn.Module, data: TaskData, lengths: Sequence[int], batch_size: int = 64,
-                       num_batches: int = 2) -> list[dict]:
-    """Copy or reverse scored at fixed string lengths: [{"length", "accuracy", "exact_match"}]
-    (each length's strings drawn by `data.replace(min_length=L, max_length=L)`)."""
-    return [{"length": length,
-             **evaluate_task(model, data.replace(min_length=length, max_length=length), batch_size, num_batches)}
-            for length in lengths]
+def score_copy(model: CausalLM, data: TaskData, lengths: Sequence[int], batch_size: int = 64,
+               num_batches: int = 1) -> dict:
+    """`copy_by_length` as a grid score: {"exact_match", "token_accuracy", "teacher_forced_accuracy"}
+    averaged over `lengths`, and "by_length" (the curve)."""
+    curve = copy_by_length(model, data, lengths, batch_size, num_batches)
+    mean = {key: sum(point[key] for point in curve) / len(curve)
+            for key in ("exact_match", "token_accuracy", "teacher_forced_accuracy")}
+    return {**mean, "by_length": curve}
 
 
 def longest_solved(curve: Sequence[dict], threshold: float = 0.9, x: str = "length", y: str = "accuracy") -> int:
@@ -406,13 +383,6 @@ def longest_solved(curve: Sequence[dict], threshold: float = 0.9, x: str = "leng
             break
         solved = point[x]
     return solved
-
-
-def find_record(records: Sequence[dict], **match) -> dict:
-    """The one record whose fields equal `match`, e.g. `find_record(records, model="GDN", seq_len=512)`."""
-    found = [r for r in records if all(r.get(key) == value for key, value in match.items())]
-    _require(len(found) == 1, f"{len(found)} records match {match}; add fields until one does")
-    return found[0]
 
 
 def series(records: Sequence[dict], x: str, y: str = "accuracy", by: str = "model") -> dict[str, tuple[list, list]]:

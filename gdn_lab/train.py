@@ -20,6 +20,14 @@ ramps linearly (over at most `warmup_steps`) from where it stands to the rate a 
 Asking again with the same `steps` and `extend_steps` continues that extension (a Colab
 disconnect in the middle of it is resumed, not extended twice).
 
+`TrainConfig.stop_at_val_acc` ends a run early (a learning-rate sweep on MQAR stops each rate once
+it solves the task): at the first evaluation with val_acc >= the threshold, the run ends there as
+at `steps` (final.pt, results, metrics with `stopped_early: true` and `steps` the step it stopped
+at). The checkpoint keeps the stop, so resume='auto' with the same config returns the stopped run
+without training. `extend_steps` on a stopped run trains on (the user asked for more): the
+schedule is extended from the stopped step, and the threshold still applies at the extension's
+evaluations, so pass stop_at_val_acc=None (or a higher one) to train the whole extension.
+
 Run directory (rank 0 writes it):
     config.json             model, train and data settings, world size
     checkpoints/            best.pt (lowest val loss), step_N.pt (every save_every, and on Ctrl-C),
@@ -293,6 +301,7 @@ def train(model: torch.nn.Module, train_config: TrainConfig, data, run_dir: str 
     graphed: GraphedTrainStep | None = None  # built after the first eager step when use_graph
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     step, tokens, train_seconds, best_val, history, schedule = 0, 0, 0.0, math.inf, [], new_schedule(cfg)
+    stopped_early = False  # an evaluation met cfg.stop_at_val_acc before total_steps
 
     checkpoint_path = find_checkpoint(run_dir) if resume == "auto" else resume
     if resume == "auto" and extend_steps and checkpoint_path is None:
@@ -309,12 +318,14 @@ def train(model: torch.nn.Module, train_config: TrainConfig, data, run_dir: str 
         step, tokens, train_seconds = saved["step"], saved["tokens"], saved["train_seconds"]
         best_val = saved["best_val_loss"]
         history, schedule = saved["history"], saved["schedule"]
+        stopped_early = saved.get("stopped_early", False)  # checkpoints older than the key did not stop
         _set_rng_state(saved["rng"], device)
     if cfg.steps + extend_steps < schedule[-1]["end"]:
         raise ConfigError(f"the run in {run_dir} was extended to {schedule[-1]['end']} steps; resume it with "
                           f"extend_steps={schedule[-1]['end'] - cfg.steps}")
     if cfg.steps + extend_steps > schedule[-1]["end"]:
         schedule = extend_schedule(schedule, step, cfg.steps + extend_steps, cfg)
+        stopped_early = False
     total_steps = schedule[-1]["end"]
 
     val_batches = data.val_batches(micro_batch, cfg.eval_batches * cfg.grad_accum * launch.world_size)
@@ -336,7 +347,7 @@ def train(model: torch.nn.Module, train_config: TrainConfig, data, run_dir: str 
 
     def checkpoint() -> dict:
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "schedule": schedule, "step": step, "tokens": tokens,
+                "schedule": schedule, "step": step, "tokens": tokens, "stopped_early": stopped_early,
                 "train_seconds": train_seconds, "best_val_loss": best_val, "history": history,
                 "rng": _rng_state(device), "train_config": cfg.to_dict(),
                 "model_config": dataclasses.asdict(model_config) if dataclasses.is_dataclass(model_config) else None}
@@ -397,7 +408,7 @@ def train(model: torch.nn.Module, train_config: TrainConfig, data, run_dir: str 
 
     model.train()
     try:
-        while step < total_steps:
+        while step < total_steps and not stopped_early:
             started = time.perf_counter()
             lr = lr_at(step, schedule)
             batch = data.train_batch(step, cfg.batch_size, launch.rank, launch.world_size).to(device)
@@ -421,6 +432,9 @@ def train(model: torch.nn.Module, train_config: TrainConfig, data, run_dir: str 
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / train_seconds:.3g}")
             if cfg.eval_every and step % cfg.eval_every == 0:
                 evaluate_and_record()
+                stopped_early = step < total_steps and _reached(history[-1], cfg.stop_at_val_acc)
+                if stopped_early and progress and launch.is_main:
+                    bar.write(f"step {step}: val acc reached stop_at_val_acc={cfg.stop_at_val_acc}; stopping")
             if cfg.save_every and step % cfg.save_every == 0 and launch.is_main:
                 save_checkpoint(run_dir / "checkpoints" / f"step_{step}.pt", checkpoint())
         if "val_loss" not in history[-1]:
@@ -435,7 +449,8 @@ def train(model: torch.nn.Module, train_config: TrainConfig, data, run_dir: str 
 
     final = history[-1]
     metrics = {"final_val_loss": final["val_loss"], "final_val_acc": final["val_acc"],
-               "final_val_ppl": final["val_ppl"], "best_val_loss": best_val, "steps": step, "tokens": tokens,
+               "final_val_ppl": final["val_ppl"], "best_val_loss": best_val, "steps": step,
+               "stopped_early": stopped_early, "tokens": tokens,
                "tokens_per_second": tokens / train_seconds,
                "train_seconds": train_seconds, "num_params": num_params, "world_size": launch.world_size,
                "device": str(device), "dtype": str(dtype).removeprefix("torch."), "cuda_graph": use_graph}
@@ -446,6 +461,11 @@ def train(model: torch.nn.Module, train_config: TrainConfig, data, run_dir: str 
         write_metrics(run_dir, metrics)
         _curves(history, run_dir / "training_curves.html")
     return TrainResult(history, metrics, run_dir)
+
+
+def _reached(record: dict, stop_at_val_acc: float | None) -> bool:
+    """Whether an evaluation `record` meets the early-stop threshold (never when it is None)."""
+    return stop_at_val_acc is not None and record["val_acc"] >= stop_at_val_acc
 
 
 def _check_fit(model: torch.nn.Module, cfg: TrainConfig, data) -> None:

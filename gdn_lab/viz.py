@@ -282,6 +282,27 @@ def line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], x_t
     return fig
 
 
+def seed_summary_plot(rows: Sequence[Mapping], x: str, x_title: str, y_title: str, by: str = "model",
+                      title: str = "", log_x: bool = False) -> go.Figure:
+    """Rows of `gdn_lab.grid.over_seeds` (one per point: labels, "mean", "min", "max", "n") as one
+    line per `rows[by]`: the mean over seeds at each `x`, with bars from the worst to the best seed
+    (a bar that overlaps another line's point is a tie at that x)."""
+    groups: dict[str, list[Mapping]] = {}
+    for row in rows:
+        groups.setdefault(str(row[by]), []).append(row)
+    fig = go.Figure()
+    for i, (name, group) in enumerate(groups.items()):
+        group = sorted((r for r in group if r["mean"] is not None), key=lambda r: r[x])
+        fig.add_trace(go.Scatter(
+            x=[r[x] for r in group], y=[r["mean"] for r in group], name=name, mode="lines+markers",
+            line={"color": _color(i)}, customdata=[[r["n"], r["min"], r["max"]] for r in group],
+            error_y={"type": "data", "symmetric": False, "array": [r["max"] - r["mean"] for r in group],
+                     "arrayminus": [r["mean"] - r["min"] for r in group]},
+            hovertemplate="%{y:.3f} (seeds: %{customdata[0]}, range %{customdata[1]:.3f} to %{customdata[2]:.3f})"))
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, xaxis_type="log" if log_x else None)
+    return fig
+
+
 def plotly_cache_dir() -> pathlib.Path:
     """Where the one shared copy of plotly.js lives: $GDN_LAB_CACHE, else ~/.cache/gdn_lab."""
     return pathlib.Path(os.environ.get("GDN_LAB_CACHE") or pathlib.Path.home() / ".cache" / "gdn_lab")

@@ -1,4 +1,5 @@
-"""gdn_lab.generate on the CPU: sampling filters, seeds, padding, the fixed-buffer (captured) step."""
+"""gdn_lab.generate on the CPU: sampling filters, seeds, padding, the fixed-buffer (captured) step,
+also with short convs on the attention layers."""
 from __future__ import annotations
 
 import io
@@ -32,6 +33,25 @@ def models():
         torch.manual_seed(0)
         config = get_preset("tiny").model.replace(vocab_size=64, attn_layers=pattern, backend="torch")
         built[name] = build_model(config).eval()
+    return built
+
+
+@pytest.fixture(scope="module")
+def conv_models():
+    """The hybrid and transformer tiny models with `attn_conv_size=3` and random attention conv weights
+    (the identity init would hide a conv window carried wrongly)."""
+    built = {}
+    for name in ("hybrid", "transformer"):
+        torch.manual_seed(0)
+        config = get_preset("tiny").model.replace(vocab_size=64, attn_layers=PATTERNS[name], attn_conv_size=3,
+                                                  backend="torch")
+        model = build_model(config).eval()
+        with torch.no_grad():
+            for block in model.model.layers:
+                if block.mixer == "attn":
+                    for conv in (block.attn.q_conv1d, block.attn.k_conv1d, block.attn.v_conv1d):
+                        conv.weight.normal_(0, 0.5)
+        built[name] = model
     return built
 
 
@@ -138,6 +158,30 @@ def test_captured_logits_match_plain_logits(models, name):
     assert decoder.position == 16
     with pytest.raises(ConfigError, match="max_len"):
         decoder.step(tokens)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["hybrid", "transformer"])
+def test_attention_conv_decodes_like_the_full_forward(conv_models, name):
+    """With attention short convs, the plain cache and the fixed-buffer step (conv windows carried
+    in the KV states) give the logits of one forward over the whole left-padded sequences, and
+    generate's tokens agree between the two paths and with each prompt decoded alone."""
+    model = conv_models[name]
+    input_ids, mask = pad_prompts(PROMPTS)
+    decoder = CapturedDecoder(model, batch_size=3, max_len=12)
+    cache = model.new_cache(3)
+    tokens = torch.randint(0, 64, (3, 12 - input_ids.shape[1]), generator=torch.Generator().manual_seed(4))
+    whole_mask = torch.cat([mask, torch.ones_like(tokens, dtype=torch.bool)], 1)
+    full = model(torch.cat([input_ids, tokens], 1), attention_mask=whole_mask)[:, input_ids.shape[1] - 1:]
+    torch.testing.assert_close(prefill(model, input_ids, cache, mask), full[:, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(decoder.prefill(input_ids, mask), full[:, 0], atol=1e-5, rtol=1e-5)
+    for t in range(tokens.shape[1]):
+        torch.testing.assert_close(model(tokens[:, t:t + 1], cache=cache)[:, -1], full[:, t + 1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(decoder.step(tokens[:, t]), full[:, t + 1], atol=1e-5, rtol=1e-5)
+
+    plain = generate(model, PROMPTS, max_new_tokens=8, temperature=0)
+    assert generate(model, PROMPTS, max_new_tokens=8, temperature=0, captured=True) == plain
+    assert [generate(model, [prompt], max_new_tokens=8, temperature=0)[0] for prompt in PROMPTS] == plain
 
 
 def test_decoder_is_reusable_and_checks_its_sizes(models):

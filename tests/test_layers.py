@@ -1,6 +1,6 @@
 """Layers on the CPU: the GDN layer against an independent computation with FLA's naive
 recurrence, state_dicts shared with fla.layers.GatedDeltaNet, decoding with a state, left
-padding, and the attention layer's cache and RoPE."""
+padding, and the attention layer's cache, RoPE and short conv."""
 from __future__ import annotations
 
 import pytest
@@ -18,6 +18,18 @@ SIZES = dict(hidden_size=32, num_heads=2, head_dim=8)
 def gdn(seed: int = 0, **overrides) -> GatedDeltaNet:
     torch.manual_seed(seed)
     return GatedDeltaNet(**{**SIZES, "backend": "torch", **overrides})
+
+
+def attention(seed: int = 0, conv_size: int = 0, **overrides) -> Attention:
+    """A 32-wide attention layer, 4 heads over 2 KV heads; with `conv_size`, its short convs get
+    random weights (the identity init would hide a conv window carried wrongly)."""
+    torch.manual_seed(seed)
+    layer = Attention(32, 4, **{"num_kv_heads": 2, "conv_size": conv_size, **overrides})
+    if conv_size:
+        with torch.no_grad():
+            for conv in (layer.q_conv1d, layer.k_conv1d, layer.v_conv1d):
+                conv.weight.normal_(0, 0.5)
+    return layer
 
 
 def inputs(batch: int = 2, steps: int = 11, width: int = 32, seed: int = 1) -> torch.Tensor:
@@ -101,6 +113,14 @@ def test_decay_init_follows_fla():
     assert layer.A_log._no_weight_decay and layer.dt_bias._no_weight_decay
 
 
+def test_decay_init_range_is_configurable():
+    dt = F.softplus(gdn(num_heads=64, dt_min=1e-4, dt_max=1e-3).dt_bias)
+    assert dt.min() >= 1e-4 * 0.999 and dt.max() <= 1e-3 * 1.001 and dt.max() / dt.min() > 5
+    for dt_min, dt_max in [(0.1, 0.01), (0.0, 0.1)]:
+        with pytest.raises(ConfigError, match="dt_min"):
+            gdn(dt_min=dt_min, dt_max=dt_max)
+
+
 def test_deltanet_ablation_has_no_decay_parameters():
     layer = gdn(use_decay=False)
     names = {name for name, _ in layer.named_parameters()}
@@ -176,7 +196,8 @@ def left_pad(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     lambda: gdn(),
     lambda: gdn(allow_neg_eigval=True, use_gate=False),
     lambda: Attention(32, 4, num_kv_heads=2),
-], ids=["gdn", "gdn-neg-eig", "attention"])
+    lambda: attention(conv_size=4),
+], ids=["gdn", "gdn-neg-eig", "attention", "attention-conv"])
 @pytest.mark.parametrize("max_len", [None, 16])
 def test_left_padded_batch_decodes_like_each_prompt_alone(make_layer, max_len):
     torch.manual_seed(0)
@@ -205,8 +226,9 @@ def test_left_padded_batch_decodes_like_each_prompt_alone(make_layer, max_len):
             torch.testing.assert_close(y_steps[t][i], y_t[0], atol=FP32_ATOL, rtol=1e-4)
 
 
-def test_mask_without_state_matches_unpadded_forward():
-    layer = gdn()
+@pytest.mark.parametrize("make_layer", [gdn, lambda: attention(conv_size=3)], ids=["gdn", "attention-conv"])
+def test_mask_without_state_matches_unpadded_forward(make_layer):
+    layer = make_layer()
     prompts = [inputs(1, 6, seed=3)[0], inputs(1, 2, seed=4)[0]]
     x, mask = left_pad(prompts)
     y, _ = layer(x, mask=mask)
@@ -216,18 +238,80 @@ def test_mask_without_state_matches_unpadded_forward():
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("conv_size", [0, 4], ids=["plain", "conv"])
 @pytest.mark.parametrize("max_len", [None, 20])
-def test_attention_decoding_with_cache_equals_full_forward(max_len):
-    torch.manual_seed(0)
-    layer = Attention(32, 4, num_kv_heads=2, rope_theta=500.0)
+def test_attention_decoding_with_cache_equals_full_forward(max_len, conv_size):
+    layer = attention(conv_size=conv_size, rope_theta=500.0)
     x = inputs(steps=13)
     full, _ = layer(x)
     state = layer.empty_state(2, max_len=max_len)
+    conv_buffer = state.conv.data_ptr()
     pieces = [layer(x[:, :6], state)[0], layer(x[:, 6:9], state)[0]]
     pieces += [layer(x[:, t:t + 1], state)[0] for t in range(9, 13)]
     torch.testing.assert_close(torch.cat(pieces, 1), full, atol=FP32_ATOL, rtol=1e-4)
     assert int(state.length) == 13 and state.position.tolist() == [13, 13]
     assert state.k.shape[2] == (max_len or 13)
+    assert state.conv.shape == (2, 32 + 2 * 16, max(conv_size - 1, 0)) and state.conv.data_ptr() == conv_buffer
+
+
+def test_attention_short_conv_matches_conv1d_then_attention():
+    """q, k, v = nn.Conv1d's own forward (padded, truncated to causal) on the projections, then
+    RoPE and an explicit causal softmax over grouped KV heads."""
+    layer = attention(conv_size=3)
+    assert {name: tuple(p.shape) for name, p in layer.named_parameters() if "conv" in name} == {
+        "q_conv1d.weight": (32, 1, 3), "k_conv1d.weight": (16, 1, 3), "v_conv1d.weight": (16, 1, 3)}
+    x = inputs(steps=9)
+    B, T, H, d = 2, 9, 4, 8
+
+    def branch(proj, conv):
+        return conv(proj(x).transpose(1, 2))[..., :T].transpose(1, 2).reshape(B, T, -1, d)
+
+    positions = torch.arange(T)
+    q = rotary(branch(layer.q_proj, layer.q_conv1d), positions, layer.inv_freq).transpose(1, 2)
+    k = rotary(branch(layer.k_proj, layer.k_conv1d), positions, layer.inv_freq).transpose(1, 2)
+    v = branch(layer.v_proj, layer.v_conv1d).transpose(1, 2)
+    k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    scores = (q @ k.transpose(-1, -2)) / d ** 0.5
+    scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    expected = layer.o_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, H * d))
+    torch.testing.assert_close(layer(x)[0], expected, atol=FP32_ATOL, rtol=1e-4)
+
+
+def test_attention_short_conv_starts_as_the_identity():
+    torch.manual_seed(0)
+    layer = Attention(32, 4, num_kv_heads=2, conv_size=4)
+    for conv in (layer.q_conv1d, layer.k_conv1d, layer.v_conv1d):
+        assert torch.equal(conv.weight[..., -1], torch.ones_like(conv.weight[..., -1]))
+        assert not conv.weight[..., :-1].any() and conv.bias is None
+    plain = Attention(32, 4, num_kv_heads=2)
+    missing, unexpected = layer.load_state_dict(plain.state_dict(), strict=False)
+    assert sorted(missing) == ["k_conv1d.weight", "q_conv1d.weight", "v_conv1d.weight"] and not unexpected
+    x = inputs()
+    torch.testing.assert_close(layer(x)[0], plain(x)[0], atol=1e-6, rtol=1e-6)
+    assert plain.empty_state(2).conv.shape == (2, 64, 0)
+    with pytest.raises(ConfigError, match="conv_size=1") as err:
+        Attention(32, 4, conv_size=1)
+    assert "\n" not in str(err.value)
+
+
+def test_attention_conv_gradients_flow_through_the_state():
+    layer = attention(conv_size=4)
+    x = inputs(steps=10)
+    full, _ = layer(x)
+    full.square().sum().backward()
+    convs = (layer.q_conv1d, layer.k_conv1d, layer.v_conv1d)
+    expected = [conv.weight.grad.clone() for conv in convs]
+    assert all(grad.abs().sum() > 0 for grad in expected)
+    layer.zero_grad()
+
+    state = layer.empty_state(2)
+    first, _ = layer(x[:, :6], state)
+    second, _ = layer(x[:, 6:], state)
+    torch.cat([first, second], 1).square().sum().backward()
+    for conv, grad in zip(convs, expected):
+        torch.testing.assert_close(conv.weight.grad, grad, atol=1e-4, rtol=1e-4)
+
+
 
 
 def test_attention_matches_explicit_softmax():

@@ -1,14 +1,16 @@
-"""The causal LM on the CPU: decoding with a cache (GDN, attention, hybrid), left padding, the
-loss, FLA's init, export to and import from FLA's GatedDeltaNetForCausalLM, presets."""
+"""The causal LM on the CPU: decoding with a cache (GDN, attention, hybrid, attention with a
+short conv), left padding, the loss, FLA's init and the decay-init range, tied embeddings,
+export to and import from FLA's GatedDeltaNetForCausalLM, presets."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from gdn_lab.config import PRESETS, ConfigError, ModelConfig
+from gdn_lab.config import PRESETS, ConfigError, ModelConfig, TrainConfig
 from gdn_lab.layers import GDNState, KVState
 from gdn_lab.models import CausalLM, build_model, count_params, from_fla, preset_table, to_fla
+from gdn_lab.train import make_optimizer
 
 TINY = dict(vocab_size=50, hidden_size=32, num_layers=3, num_heads=2, head_dim=8, attn_num_heads=4,
             attn_num_kv_heads=2, backend="torch")
@@ -22,6 +24,20 @@ def model_with(seed: int = 0, **overrides) -> CausalLM:
 
 def token_ids(batch: int, steps: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, TINY["vocab_size"], (batch, steps), generator=torch.Generator().manual_seed(seed))
+
+
+def attention_convs(model: CausalLM) -> list[torch.nn.Conv1d]:
+    """The q/k/v short convs of every attention layer."""
+    return [getattr(block.attn, f"{name}_conv1d") for block in model.model.layers if block.mixer == "attn"
+            for name in "qkv"]
+
+
+def randomise_attention_convs(model: CausalLM) -> CausalLM:
+    """Random attention conv weights: the identity init would hide a conv window carried wrongly."""
+    with torch.no_grad():
+        for conv in attention_convs(model):
+            conv.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(conv.weight.shape[0]))
+    return model
 
 
 @torch.no_grad()
@@ -43,9 +59,28 @@ def test_decoding_with_cache_equals_full_forward(attn_layers, max_len):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("attn_layers", [(1,), "transformer"], ids=["hybrid", "transformer"])
+@pytest.mark.parametrize("max_len", [None, 16])
+def test_attention_short_conv_decodes_like_full_forward(attn_layers, max_len):
+    model = randomise_attention_convs(model_with(attn_layers=attn_layers, attn_conv_size=4))
+    ids = token_ids(2, 12)
+    full = model(ids)
+    cache = model.new_cache(2, max_len=max_len)
+    windows = [state.conv for state in cache.states if isinstance(state, KVState)]
+    assert all(window.shape == (2, 32 + 2 * 16, 3) for window in windows)
+    pieces = [model(ids[:, :5], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(5, 12)]
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=ATOL, rtol=1e-4)
+    assert all(state.conv is window for state, window in
+               zip([s for s in cache.states if isinstance(s, KVState)], windows))   # written in place
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("attn_conv_size", [0, 3], ids=["plain", "attn-conv"])
 @pytest.mark.parametrize("full_width_mask", [False, True], ids=["step-mask", "hf-style-mask"])
-def test_left_padded_hybrid_batch_decodes_like_each_prompt_alone(full_width_mask):
-    model = model_with(attn_layers=(0, 2))
+def test_left_padded_hybrid_batch_decodes_like_each_prompt_alone(full_width_mask, attn_conv_size):
+    model = model_with(attn_layers=(0, 2), attn_conv_size=attn_conv_size)
+    if attn_conv_size:
+        randomise_attention_convs(model)
     prompts = [token_ids(1, n, seed=n)[0] for n in (6, 2, 4)]
     T = max(len(p) for p in prompts)
     ids = torch.zeros(3, T, dtype=torch.long)
@@ -96,6 +131,49 @@ def test_loss_is_masked_mean_cross_entropy():
     assert model.model.layers[0].attn.A_log.grad is not None
 
 
+def test_attention_conv_starts_as_the_identity_and_gets_gradients():
+    """At init an attention conv is the identity (surviving _init_weights' N(0, 0.02) of every
+    conv), so the model computes what the conv-less one with the same other weights computes."""
+    with_conv, plain = model_with(attn_layers=(1,), attn_conv_size=4), model_with(attn_layers=(1,))
+    for conv in attention_convs(with_conv):
+        assert torch.equal(conv.weight[..., -1], torch.ones_like(conv.weight[..., -1]))
+        assert not conv.weight[..., :-1].any()
+    missing, unexpected = with_conv.load_state_dict(plain.state_dict(), strict=False)
+    assert sorted(missing) == [f"model.layers.1.attn.{name}_conv1d.weight" for name in "kqv"] and not unexpected
+    ids = token_ids(2, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(with_conv(ids), plain(ids), atol=1e-6, rtol=1e-6)
+    with_conv(ids, targets=token_ids(2, 9, seed=2)).backward()
+    assert all(conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+               for conv in attention_convs(with_conv))
+
+
+@pytest.mark.parametrize("dt_range", [{}, dict(dt_min=1e-4, dt_max=1e-3)], ids=["fla-default", "slow"])
+def test_decay_init_lies_in_the_configured_range(dt_range):
+    model = model_with(num_layers=4, attn_layers=(1,), num_heads=16, **dt_range)
+    dt_min, dt_max = model.config.dt_min, model.config.dt_max
+    assert (dt_min, dt_max) == (dt_range.get("dt_min", 1e-3), dt_range.get("dt_max", 0.1))
+    gdn_layers = [block.attn for block in model.model.layers if block.mixer == "gdn"]
+    assert len(gdn_layers) == 3
+    for layer in gdn_layers:
+        dt = F.softplus(layer.dt_bias)
+        assert dt.min() >= dt_min * 0.999 and dt.max() <= dt_max * 1.001
+
+
+def test_tied_embeddings_share_one_tensor_and_train():
+    model = model_with(attn_layers=(1,), tie_embeddings=True).train()
+    assert model.lm_head.weight is model.model.embeddings.weight
+    assert model.num_params() == count_params(model.config) == count_params(
+        model.config.replace(tie_embeddings=False)) - TINY["vocab_size"] * TINY["hidden_size"]
+    optimizer = make_optimizer(model, TrainConfig(), torch.device("cpu"))
+    before = model.lm_head.weight.detach().clone()
+    loss = model(token_ids(2, 9), targets=token_ids(2, 9, seed=2))
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss) and not torch.equal(model.lm_head.weight, before)
+    assert model.lm_head.weight is model.model.embeddings.weight
+
+
 def test_init_follows_fla():
     model = model_with(hidden_size=128, num_heads=4, head_dim=32, num_layers=2)
     block = model.model.layers[0]
@@ -124,7 +202,8 @@ def test_names_mirror_fla_and_backend_switch():
 
 @pytest.mark.parametrize("overrides", [
     {}, dict(attn_layers="alternating", use_gate=False), dict(use_decay=False, use_short_conv=False, expand_v=1.5),
-    dict(tie_embeddings=True, intermediate_size=100),
+    dict(tie_embeddings=True, intermediate_size=100), dict(attn_layers="alternating", attn_conv_size=4),
+    dict(attn_layers=(0,), attn_conv_size=2, attn_num_kv_heads=None),
 ])
 def test_count_params_matches_the_model(overrides):
     config = ModelConfig(**{**TINY, **overrides})
@@ -153,6 +232,9 @@ def test_preset_table_lists_the_seed_presets():
     (dict(attn_layers=(0,), attn_num_heads=5), "divisible"),
     (dict(backend="cuda"), "backend"),
     (dict(attn_layers="3/12"), "num_layers=3"),
+    (dict(attn_layers=(0,), attn_conv_size=1), "attn_conv_size"),
+    (dict(dt_min=0.1, dt_max=0.01), "dt_min"),
+    (dict(dt_min=0.0), "dt_min"),
 ])
 def test_model_config_errors_are_one_line(bad, message):
     with pytest.raises(ConfigError, match=message) as err:
@@ -191,6 +273,9 @@ def test_to_fla_refuses_models_fla_cannot_hold():
         to_fla(model_with(attn_layers=(1,)))
     with pytest.raises(ConfigError, match="use_decay"):
         to_fla(model_with(use_decay=False))
+    with pytest.raises(ConfigError, match="attn_conv_size=4") as err:
+        to_fla(model_with(attn_layers=(1,), attn_conv_size=4))
+    assert "\n" not in str(err.value)
 
 
 def _described(value):

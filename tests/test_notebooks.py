@@ -51,22 +51,28 @@ def check_01_layer_internals(m: dict) -> None:
 
 def check_02_toy_tasks(m: dict) -> None:
     smoke = SMOKE["02_toy_tasks"]
-    names = ["GDN", "Transformer", "DeltaNet", "Hybrid"]
+    names = ["GDN", "GDN slow decay", "DeltaNet", "Transformer", "Transformer (no conv)", "Hybrid"]
     assert m["models"] == names
     for name in names:
         assert list(m["mqar_accuracy"][name]) == [str(t) for t in smoke["mqar_lengths"]]
-        assert all(0 <= a <= 1 for a in m["mqar_accuracy"][name].values())
-        assert 0 <= m["copy_accuracy"][name] <= 1 and 0 <= m["copy_exact_match"][name] <= 1
+        for length, accuracy in m["mqar_accuracy"][name].items():
+            low, high = m["mqar_accuracy_range"][name][length]
+            assert 0 <= low <= accuracy <= high <= 1
+        assert 0 <= m["copy_exact_match"][name] <= 1
         assert m["copy_longest"][name] in [0, *smoke["copy_eval_lengths"]]
-        assert m["chosen_lr"][name] and set(m["chosen_lr"][name]) <= set(smoke["lr_sweep"])
-    assert m["lr_sweep"] == smoke["lr_sweep"]
-    assert set(m["state_accuracy"]) == ({f"H2xK{k}" for k in smoke["state_head_dims"]}
-                                        | {f"H{h}xK8" for h in smoke["state_num_heads"]})
+    assert set(m["mqar_solved_everywhere"]) <= set(names)
+    assert m["learning_rates"] == smoke["learning_rates"] and m["seeds"] == smoke["seeds"]
+    dims = {str(2 * k) for k in smoke["state_head_dims"]}  # num_heads (2, the default) x head_dim
+    assert set(m["state_accuracy"]) == set(m["state_non_decreasing"]) == {"GDN", "GDN slow decay"}
+    assert all(set(by_size) == dims for by_size in m["state_accuracy"].values())
     vocab = smoke["mqar_vocab_size"]
     assert math.isclose(m["mqar_chance"], 1 / (vocab - vocab // 2))
     assert math.isclose(m["copy_chance"], 1 / (smoke["copy_vocab_size"] - 2))
-    state_runs = len(smoke["state_head_dims"]) + len(smoke["state_num_heads"])
-    assert m["runs"] == 4 * len(smoke["mqar_lengths"]) + state_runs + 1 + 4
+    rates, seeds = len(smoke["learning_rates"]), len(smoke["seeds"])
+    trials = (len(names) * len(smoke["mqar_lengths"]) * rates * seeds
+              + 2 * len(smoke["state_head_dims"]) * rates * len(smoke["state_seeds"]) + len(names) * rates * seeds)
+    assert m["trials"] == trials and m["diverged"] == 0
+    assert m["stopped_early"] <= trials and m["train_seconds"] > 0
 
 
 def check_03_lm_training(m: dict) -> None:

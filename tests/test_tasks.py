@@ -1,6 +1,5 @@
 """Synthetic tasks: generator semantics on fixed seeds, determinism, sharding, accuracy helpers."""
 import doctest
-import json
 
 import pytest
 import torch
@@ -189,42 +188,47 @@ def test_tiny_gdn_learns_copy_above_chance(tmp_path):
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"] - 0.5
 
 
-def test_sweep_trains_each_point_and_records_its_settings(tmp_path):
+def test_contenders_carry_their_standard_components():
     configs = tasks.contender_configs(vocab_size=16, hidden_size=16, num_layers=2, num_heads=2, head_dim=8,
                                       attn_num_heads=2, backend="torch")
-    assert [c.mixers for c in configs.values()] == [("gdn", "gdn"), ("attn", "attn"), ("gdn", "gdn"), ("gdn", "attn")]
+    assert list(configs) == ["GDN", "GDN slow decay", "DeltaNet", "Transformer", "Transformer (no conv)", "Hybrid"]
+    assert [c.mixers for c in configs.values()] == [("gdn", "gdn")] * 3 + [("attn", "attn")] * 2 + [("gdn", "attn")]
     assert not configs["DeltaNet"].use_decay and configs["GDN"].use_decay
-    data = TaskData("mqar", vocab_size=16, seq_len=16, seed=0, num_kv_pairs=2)
-    config = TrainConfig(steps=2, batch_size=4, seq_len=16, warmup_steps=0, eval_every=0, eval_batches=1,
-                         device="cpu")
-    runs = tasks.train_on_tasks([(name, configs[name], data) for name in ("Transformer", "Hybrid")], config, tmp_path,
-                       eval_batch_size=8, eval_batches=1)
-    assert [r.record["model"] for r in runs] == ["Transformer", "Hybrid"]
-    assert runs[0].record["state_key_dims"] == 0 and runs[1].record["state_key_dims"] == 16
-    assert {"task", "seq_len", "num_kv_pairs", "accuracy", "exact_match", "num_params"} <= set(runs[1].record)
-    assert (tmp_path / "Hybrid_mqar_T16_num_kv_pairs2_H2_K8" / "metrics.json").is_file()
-    norms = tasks.state_norm_while_copying(runs[1].model, data.sample(1, seed=0).inputs)
-    assert norms.shape == (16,) and bool((norms > 0).all())
+    assert (configs["GDN slow decay"].dt_min, configs["GDN slow decay"].dt_max) == (1e-4, 1e-3)
+    assert (configs["GDN"].dt_min, configs["GDN"].dt_max) == (1e-3, 0.1)  # FLA's init stays the default
+    assert configs["Transformer"].attn_conv_size == configs["Hybrid"].attn_conv_size == 4
+    assert configs["Transformer (no conv)"].attn_conv_size == 0
+    assert tasks.state_key_dims(configs["Hybrid"]) == 16 and tasks.state_key_dims(configs["Transformer"]) == 0
 
 
-def test_sweep_keeps_the_best_learning_rate_per_point(tmp_path):
-    configs = tasks.contender_configs(vocab_size=16, hidden_size=16, num_layers=1, num_heads=2, head_dim=8,
-                                      attn_num_heads=2, backend="torch")
-    data = TaskData("mqar", vocab_size=16, seq_len=16, seed=0, num_kv_pairs=2)
-    config = TrainConfig(steps=3, batch_size=4, seq_len=16, warmup_steps=0, eval_every=0, eval_batches=1,
-                         device="cpu")
-    rates = [1e-4, 3e-2]
-    (run,) = tasks.train_on_tasks([("GDN", configs["GDN"], data)], config, tmp_path, eval_batch_size=8,
-                                  eval_batches=1, learning_rates=rates)
-    folder = tmp_path / "GDN_mqar_T16_num_kv_pairs2_H2_K8"
-    tried = {rate: json.loads((folder / f"lr{rate:g}" / "metrics.json").read_text()) for rate in rates}
-    assert set(run.record["lr_accuracy"]) == {"0.0001", "0.03"} and run.record["lr"] in rates
-    chosen = run.record["lr_accuracy"][f"{run.record['lr']:g}"]
-    assert chosen == run.record["accuracy"] == max(run.record["lr_accuracy"].values())
-    losers = [r for r in rates if r != run.record["lr"]]
-    for rate in losers:  # a tie on accuracy goes to the lower validation loss
-        assert (run.record["lr_accuracy"][f"{rate:g}"] < chosen
-                or tried[rate]["final_val_loss"] >= run.record["final_val_loss"])
+def _greedy_copy(model, prompt: torch.Tensor, length: int) -> torch.Tensor:
+    """Greedy decoding by full forwards over the growing sequence (no cache): the reference."""
+    tokens = prompt
+    for _ in range(length):
+        tokens = torch.cat([tokens, model(tokens)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return tokens[:, prompt.shape[1]:]
+
+
+@pytest.mark.parametrize("name", ["GDN", "Transformer"])
+def test_copy_by_length_generates_instead_of_teacher_forcing(name, tmp_path):
+    data = TaskData("copy", vocab_size=6, seq_len=12, seed=0, min_length=1, max_length=6)
+    torch.manual_seed(0)
+    model = build_model(tasks.contender_configs(vocab_size=6, hidden_size=16, num_heads=2, head_dim=8,
+                                                backend="torch")[name])
+    # a few steps: the model is neither random nor perfect, so generated and teacher-forced scores differ
+    train(model, TrainConfig(steps=30, batch_size=16, seq_len=12, warmup_steps=0, eval_every=0, lr=1e-2,
+                             device="cpu"), data, tmp_path, progress=False)
+    curve = tasks.copy_by_length(model, data, [2, 5], batch_size=16)
+    for point in curve:
+        batch = data.replace(min_length=point["length"], max_length=point["length"]).val_batches(16, 1)[0]
+        answer = batch.targets[batch.mask].view(16, -1)
+        written = _greedy_copy(model.eval(), batch.inputs[:, :point["length"] + 1], point["length"])
+        assert point["token_accuracy"] == pytest.approx((written == answer).float().mean().item())
+        assert point["exact_match"] == pytest.approx((written == answer).all(dim=1).float().mean().item())
+        assert point["exact_match"] <= point["token_accuracy"]
+    score = tasks.score_copy(model, data, [2, 5], batch_size=16)
+    assert score["exact_match"] == pytest.approx(sum(p["exact_match"] for p in curve) / 2)
+    assert score["by_length"] == curve
 
 
 def test_longest_solved_and_series():
@@ -232,6 +236,7 @@ def test_longest_solved_and_series():
              {"length": 64, "accuracy": 0.99}]
     assert tasks.longest_solved(curve, threshold=0.9) == 16  # 64 recovers, but after the first failure
     assert tasks.longest_solved(curve, threshold=1.1) == 0
+    assert tasks.longest_solved([{"length": 4, "exact_match": 0.95}], y="exact_match") == 4
     records = [{"model": "GDN", "T": 64, "accuracy": 0.5}, {"model": "GDN", "T": 32, "accuracy": 0.9},
                {"model": "Transformer", "T": 32, "accuracy": 1.0}]
     assert tasks.series(records, x="T") == {"GDN": ([32, 64], [0.9, 0.5]), "Transformer": ([32], [1.0])}
@@ -247,13 +252,3 @@ def test_render_marks_wrong_predictions():
         "model              9 3 2 5 5",
         "wrong                ^",
     ]
-
-
-def test_find_record_and_run_name():
-    records = [{"model": "GDN", "seq_len": 64, "accuracy": 0.5}, {"model": "GDN", "seq_len": 128, "accuracy": 0.25}]
-    assert tasks.find_record(records, model="GDN", seq_len=128)["accuracy"] == 0.25
-    with pytest.raises(ConfigError, match="2 records match"):
-        tasks.find_record(records, model="GDN")
-    data = TaskData("mqar", vocab_size=64, seq_len=32, num_kv_pairs=4)
-    assert tasks.run_name("GDN, head_dim varied", data, ModelConfig(num_heads=2, head_dim=8)) == \
-        "GDN-head-dim-varied_mqar_T32_num_kv_pairs4_H2_K8"

@@ -9,6 +9,7 @@ import torch
 from gdn_lab.config import ConfigError, ModelConfig, TrainConfig
 from gdn_lab.data import LMData, lm_data
 from gdn_lab.models import build_model
+from gdn_lab.tasks import TaskData
 from gdn_lab.train import (
     TrainingDiverged,
     extend_schedule,
@@ -41,20 +42,32 @@ def fresh_model(model_config: ModelConfig = TINY):
 
 
 @pytest.fixture(scope="module")
+def mqar():
+    return TaskData("mqar", vocab_size=32, seq_len=32, seed=0, num_kv_pairs=4)
+
+
+@pytest.fixture(scope="module")
+def mqar_full(mqar, tmp_path_factory):
+    """12 MQAR steps without a threshold, evaluated every 4."""
+    return train(fresh_model(TINY.replace(vocab_size=32)), config(), mqar, tmp_path_factory.mktemp("mqar"),
+                 progress=False)
+
+
+@pytest.fixture(scope="module")
 def reference(data, tmp_path_factory):
     """An uninterrupted 12-step run with a checkpoint every 6 steps."""
     return train(fresh_model(), config(save_every=6), data, tmp_path_factory.mktemp("reference"), progress=False)
 
 
 class InterruptAt:
-    """A batch source that raises KeyboardInterrupt (as Ctrl-C would) when asked for `step`."""
+    """A batch source that raises `error` (KeyboardInterrupt: as Ctrl-C would) when asked for `step`."""
 
-    def __init__(self, data, step: int):
-        self.data, self.step = data, step
+    def __init__(self, data, step: int, error: type[BaseException] = KeyboardInterrupt):
+        self.data, self.step, self.error = data, step, error
 
     def train_batch(self, step, *args):
         if step == self.step:
-            raise KeyboardInterrupt
+            raise self.error(f"asked for step {step}'s batch")
         return self.data.train_batch(step, *args)
 
     def __getattr__(self, name):
@@ -219,3 +232,67 @@ def test_command_line(tmp_path, capsys):
     assert main(args + ["--set", "colour=blue"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "colour=blue" in err
+
+
+def test_stop_at_val_acc_ends_the_run_at_the_first_evaluation_that_meets_it(mqar, mqar_full, tmp_path):
+    assert mqar_full.metrics["steps"] == 12 and mqar_full.metrics["stopped_early"] is False
+    assert mqar_full.history[3]["val_acc"] > 1e-9  # the first evaluation (step 4) meets the threshold
+    result = train(fresh_model(TINY.replace(vocab_size=32)), config(stop_at_val_acc=1e-9), mqar, tmp_path,
+                   progress=False)
+    assert result.metrics["steps"] == 4 and result.metrics["stopped_early"] is True
+    assert result.history == mqar_full.history[:4]  # the same run, cut at its first evaluation
+    assert result.metrics["final_val_acc"] == mqar_full.history[3]["val_acc"]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and metrics["stopped_early"] is True and metrics["tokens"] == 4 * 4 * 32
+    assert json.loads((tmp_path / "training_results.json").read_text())["results"]["metrics"] == metrics
+    final = torch.load(tmp_path / "checkpoints" / "final.pt", weights_only=True)
+    assert final["step"] == 4 and final["stopped_early"] is True
+    assert (tmp_path / "training_curves.html").stat().st_size > 1000
+
+
+def test_a_threshold_never_met_trains_every_step(mqar, mqar_full, tmp_path):
+    assert max(r.get("val_acc", 0.0) for r in mqar_full.history) < 1.0  # 12 steps do not solve MQAR
+    result = train(fresh_model(TINY.replace(vocab_size=32)), config(stop_at_val_acc=1.0), mqar, tmp_path,
+                   progress=False)
+    assert result.metrics["steps"] == 12 and result.metrics["stopped_early"] is False
+    assert result.history == mqar_full.history
+
+
+def test_resume_after_an_early_stop_trains_no_further_and_extend_trains_on(mqar, tmp_path):
+    cfg = config(stop_at_val_acc=1e-9)
+    stopped = train(fresh_model(TINY.replace(vocab_size=32)), cfg, mqar, tmp_path, progress=False)
+    assert stopped.metrics["steps"] == 4
+    weights = torch.load(tmp_path / "checkpoints" / "final.pt", weights_only=True)["model"]
+    # asking for step 4's batch would raise: resuming the stopped run must not train
+    again = train(fresh_model(TINY.replace(vocab_size=32)), cfg, InterruptAt(mqar, 4, AssertionError), tmp_path,
+                  resume="auto", progress=False)
+    assert again.metrics == stopped.metrics and again.history == stopped.history
+    assert json.loads((tmp_path / "metrics.json").read_text()) == stopped.metrics
+    reloaded = torch.load(tmp_path / "checkpoints" / "final.pt", weights_only=True)["model"]
+    assert all(torch.equal(weights[name], reloaded[name]) for name in weights)
+
+    # extend_steps trains on; the threshold still holds, so it stops at the extension's first evaluation
+    extended = train(fresh_model(TINY.replace(vocab_size=32)), cfg, mqar, tmp_path, extend_steps=4, progress=False)
+    assert extended.metrics["steps"] == 8 and extended.metrics["stopped_early"] is True
+    assert extended.history[:4] == stopped.history and [r["step"] for r in extended.history] == list(range(1, 9))
+
+
+def test_a_checkpoint_without_the_stop_key_resumes_as_not_stopped(mqar, tmp_path):
+    cfg = config(stop_at_val_acc=1e-9)
+    train(fresh_model(TINY.replace(vocab_size=32)), cfg, mqar, tmp_path, progress=False)
+    path = tmp_path / "checkpoints" / "final.pt"
+    saved = torch.load(path, weights_only=True)
+    del saved["stopped_early"]  # as written before stop_at_val_acc existed
+    torch.save(saved, path)
+    resumed = train(fresh_model(TINY.replace(vocab_size=32)), cfg, mqar, tmp_path, resume="auto", progress=False)
+    assert resumed.metrics["steps"] == 8 and resumed.metrics["stopped_early"] is True
+
+
+def test_stop_at_val_acc_settings_are_one_line_errors():
+    for changes, message in [({"stop_at_val_acc": 0.0}, r"stop_at_val_acc must be in \(0, 1\]"),
+                             ({"stop_at_val_acc": 1.5}, r"stop_at_val_acc must be in \(0, 1\]"),
+                             ({"stop_at_val_acc": 0.9, "eval_every": 0}, "set eval_every > 0")]:
+        with pytest.raises(ConfigError, match=message) as err:
+            config(**changes)
+        one_line(err)
+    assert config(stop_at_val_acc=1.0).stop_at_val_acc == 1.0 and config().stop_at_val_acc is None

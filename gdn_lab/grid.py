@@ -1,0 +1,232 @@
+"""Experiment grids: every point trained at several learning rates and seeds, scored, summarised.
+
+The protocol a claim needs (zoology's best-of-grid learning rate, several seeds, mean and
+spread), as three calls over the one training loop:
+
+    points = [({"model": "GDN", "num_kv_pairs": 4}, gdn_config, mqar_data), ...]
+    trials = grid.expand(points, TrainConfig(steps=3000, stop_at_val_acc=0.99),
+                         learning_rates=[3e-4, 1e-3, 3e-3], seeds=[0, 1, 2])
+    records = grid.run(trials, "runs/02/mqar", score=functools.partial(tasks.evaluate_task, batch_size=256))
+    best = grid.best_over_lr(records, "accuracy")      # one record per (point, seed): its best rate
+    table = grid.over_seeds(best, "accuracy")           # one row per point: mean, std, range over seeds
+
+A trial is one (point, learning rate, seed): its run directory is
+`run_dir/<point>/lr<rate>_seed<seed>`, holding train's checkpoints and `trial.json` (the record)
+once it finished. `run` reads finished trials back and resumes interrupted ones from their last
+checkpoint, so a sweep continues across Colab disconnects and device calls; settings that differ
+from a folder's saved ones stop it with one line. With `workers > 1` trials train in that many
+processes (spawned; for small models on one large GPU, which a single run leaves mostly idle).
+A trial whose loss diverges is recorded with status 'diverged' and scores as the worst.
+
+The seed sets the model's initialisation and, for data with a `replace(seed=...)` (task data),
+the training and validation streams: the spread over seeds covers both.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import multiprocessing
+import pathlib
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import ConfigError, ModelConfig, TrainConfig
+from .models import CausalLM, build_model
+from .results import load_json, write_json
+from .stats import summarize
+from .train import TrainingDiverged, train
+
+TRIAL_FILE = "trial.json"
+Score = Callable[[CausalLM, Any], dict]
+
+
+@dataclass
+class Trial:
+    """One run of a grid: `labels` name the point (JSON values, e.g. {"model": "GDN", "seq_len": 64}),
+    `train_config` carries its learning rate and seed, `data` is any batch source."""
+
+    labels: dict
+    config: ModelConfig
+    data: Any
+    train_config: TrainConfig
+
+    @property
+    def point(self) -> str:
+        """The point's folder name: 'model-GDN_seq_len-64' (labels in order; other characters become '-')."""
+        text = "_".join(f"{key}-{value}" for key, value in self.labels.items())
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
+
+    @property
+    def folder(self) -> str:
+        return f"{self.point}/lr{self.train_config.lr:g}_seed{self.train_config.seed}"
+
+
+def expand(points: Iterable[tuple[dict, ModelConfig, Any]], train_config: TrainConfig,
+           learning_rates: Sequence[float] | None = None, seeds: Sequence[int] | None = None) -> list[Trial]:
+    """Every (labels, config, data) point at every rate in `learning_rates` (default: train_config.lr)
+    and seed in `seeds` (default: train_config.seed), in that nesting order."""
+    rates = list(learning_rates) if learning_rates else [train_config.lr]
+    seeds = list(seeds) if seeds else [train_config.seed]
+    trials = []
+    for labels, config, data in points:
+        for seed in seeds:
+            seeded = data.replace(seed=seed) if hasattr(data, "replace") and hasattr(data, "seed") else data
+            trials += [Trial(dict(labels), config, seeded,
+                             train_config.replace(lr=float(rate), seed=int(seed), seq_len=seeded.seq_len))
+                       for rate in rates]
+    return trials
+
+
+def _settings(trial: Trial) -> dict:
+    """What a trial folder must have been made with to be this trial (JSON-normalised)."""
+    describe = trial.data.describe() if hasattr(trial.data, "describe") else None
+    return json.loads(json.dumps({"model": trial.config.to_dict(), "train": trial.train_config.to_dict(),
+                                  "data": describe}, default=str))
+
+
+def _check_folder(trial: Trial, folder: pathlib.Path) -> None:
+    saved_path = folder / "config.json"
+    if not saved_path.exists():
+        return
+    saved, wanted = load_json(saved_path), _settings(trial)
+    ignored = {"model": {"backend"}, "train": {"device", "log_every", "save_every"}}
+    for section in ("model", "train", "data"):
+        old, new = saved.get(section) or {}, wanted.get(section) or {}
+        for key in sorted(set(old) | set(new)):
+            if key not in ignored.get(section, ()) and old.get(key) != new.get(key):
+                raise ConfigError(f"{folder} holds a run with {section} {key}={old.get(key)!r}, not {new.get(key)!r}; "
+                                  f"pass another run_dir or delete {folder}")
+
+
+def _run_one(trial: Trial, folder: pathlib.Path, score: Score | None, progress: bool) -> dict:
+    """Train, score and record one trial (the body of a worker)."""
+    torch.manual_seed(trial.train_config.seed)
+    model = build_model(trial.config)
+    record = {**trial.labels, "lr": trial.train_config.lr, "seed": trial.train_config.seed,
+              "num_params": model.num_params(), "run_dir": str(folder)}
+    try:
+        result = train(model, trial.train_config, trial.data, folder, resume="auto", progress=progress)
+    except TrainingDiverged as err:
+        record.update(status="diverged", error=str(err))
+    else:
+        metrics = result.metrics
+        record.update(status="ok", steps=metrics["steps"], stopped_early=metrics.get("stopped_early", False),
+                      tokens=metrics["tokens"], train_seconds=metrics["train_seconds"],
+                      final_val_loss=metrics["final_val_loss"], final_val_acc=metrics["final_val_acc"],
+                      **(score(model, trial.data) if score is not None else {}))
+    write_json(folder / TRIAL_FILE, record)
+    return record
+
+
+def run(trials: Sequence[Trial], run_dir: str | pathlib.Path, score: Score | None = None, workers: int = 1,
+        progress: bool = False) -> list[dict]:
+    """Train every trial not finished yet in `run_dir`, score it with `score(model, data)` (a dict
+    merged into its record; must be picklable when workers > 1: a module-level function or a
+    functools.partial of one), and return the records in the order of `trials`.
+
+    A record holds the labels, lr, seed, num_params, run_dir, status ('ok' | 'diverged'), steps,
+    stopped_early, tokens, train_seconds, final_val_loss, final_val_acc and the score's keys.
+    """
+    run_dir = pathlib.Path(run_dir)
+    folders = [run_dir / trial.folder for trial in trials]
+    if len(set(folders)) != len(folders):
+        raise ConfigError("two trials share a folder: give points distinct labels")
+    for trial, folder in zip(trials, folders, strict=True):
+        _check_folder(trial, folder)
+    records: list[dict | None] = [load_json(f / TRIAL_FILE) if (f / TRIAL_FILE).exists() else None for f in folders]
+    todo = [i for i, record in enumerate(records) if record is None]
+    bar = tqdm(total=len(trials), initial=len(trials) - len(todo), desc=run_dir.name, disable=not progress)
+    if workers <= 1 or len(todo) <= 1:
+        for i in todo:
+            records[i] = _run_one(trials[i], folders[i], score, progress=False)
+            bar.update()
+    else:
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(min(workers, len(todo)), mp_context=context) as pool:
+            futures = {pool.submit(_run_one, trials[i], folders[i], score, False): i for i in todo}
+            for future in concurrent.futures.as_completed(futures):
+                records[futures[future]] = future.result()
+                bar.update()
+    bar.close()
+    return records
+
+
+def load_model(record: dict, backend: str | None = None) -> CausalLM:
+    """The trained model of a trial record (its run directory's final checkpoint), on the CPU;
+    `backend` overrides the saved config's (e.g. 'torch' to probe a GPU-trained model on the CPU)."""
+    folder = pathlib.Path(record["run_dir"])
+    path = folder / "checkpoints" / "final.pt"
+    if not path.exists():
+        raise ConfigError(f"{folder} has no final checkpoint (status {record.get('status')!r}); train it first")
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    config = ModelConfig(**saved["model_config"])
+    if backend is not None:
+        config = config.replace(backend=backend)
+    model = build_model(config)
+    model.load_state_dict(saved["model"])
+    return model.eval()
+
+
+def _point_key(record: dict, labels: Sequence[str]) -> tuple:
+    return tuple(json.dumps(record.get(key), sort_keys=True) for key in labels)
+
+
+def _labels_of(records: Sequence[dict]) -> list[str]:
+    """The label keys of grid records: everything before 'lr' in a record."""
+    keys = list(records[0])
+    return keys[:keys.index("lr")]
+
+
+def best_over_lr(records: Sequence[dict], metric: str, higher_is_better: bool = True) -> list[dict]:
+    """For each (point, seed), the record of the learning rate with the best `metric` (ties: lower
+    final_val_loss; a diverged run is the worst), with "lr_scores" {rate: metric} added. As in
+    zoology the choice is made on the scores themselves: it reports what the best rate reached."""
+    if not records:
+        return []
+    labels = _labels_of(records)
+    groups: dict[tuple, list[dict]] = {}
+    for record in records:
+        groups.setdefault(_point_key(record, labels) + (record["seed"],), []).append(record)
+
+    def rank(record: dict) -> tuple:
+        value = record.get(metric)
+        if value is None:
+            return (0, 0.0, 0.0)
+        return (1, value if higher_is_better else -value, -(record.get("final_val_loss") or 0.0))
+
+    best = []
+    for group in groups.values():
+        chosen = dict(max(group, key=rank))
+        chosen["lr_scores"] = {f"{r['lr']:g}": r.get(metric) for r in group}
+        best.append(chosen)
+    return best
+
+
+def over_seeds(records: Sequence[dict], metric: str) -> list[dict]:
+    """One row per point: its labels, `metric` summarised over seeds (`stats.summarize`: mean, std,
+    min, max, spread, n, failed, values), the seeds and the learning rates the records used."""
+    if not records:
+        return []
+    labels = _labels_of(records)
+    groups: dict[tuple, list[dict]] = {}
+    for record in records:
+        groups.setdefault(_point_key(record, labels), []).append(record)
+    rows = []
+    for group in groups.values():
+        group = sorted(group, key=lambda r: r["seed"])
+        rows.append({**{key: group[0][key] for key in labels}, **summarize([r.get(metric) for r in group]),
+                     "metric": metric, "seeds": [r["seed"] for r in group], "lrs": [r["lr"] for r in group]})
+    return rows
+
+
+def find_row(rows: Sequence[dict], **match) -> dict:
+    """The one row whose fields equal `match`, e.g. `find_row(table, model="GDN", seq_len=512)`."""
+    found = [r for r in rows if all(r.get(key) == value for key, value in match.items())]
+    if len(found) != 1:
+        raise ConfigError(f"{len(found)} rows match {match}; add fields until one does")
+    return found[0]

@@ -1,0 +1,100 @@
+"""Experiment grids and seed statistics: expansion, resumable runs, best-of-lr, mean and spread, ties."""
+import doctest
+import functools
+import json
+
+import pytest
+
+from gdn_lab import grid, stats, tasks
+from gdn_lab.config import ConfigError, ModelConfig, TrainConfig
+from gdn_lab.tasks import TaskData
+
+TINY = ModelConfig(vocab_size=16, hidden_size=16, num_layers=1, num_heads=2, head_dim=8, backend="torch")
+TRAIN = TrainConfig(steps=3, batch_size=4, seq_len=16, warmup_steps=0, eval_every=0, eval_batches=1, device="cpu")
+SCORE = functools.partial(tasks.evaluate_task, batch_size=8, num_batches=1)
+
+
+def _points():
+    data = TaskData("mqar", vocab_size=16, seq_len=16, seed=0, num_kv_pairs=2)
+    return [({"model": "GDN", "pairs": 2}, TINY, data),
+            ({"model": "Transformer", "pairs": 2}, TINY.replace(attn_layers="transformer"), data)]
+
+
+def test_stats_doctests_and_summaries():
+    assert doctest.testmod(stats).failed == 0
+    summary = stats.summarize([1.0, 3.0, None, float("nan")])
+    assert (summary["mean"], summary["min"], summary["max"], summary["spread"]) == (2.0, 1.0, 3.0, 2.0)
+    assert summary["std"] == pytest.approx(2 ** 0.5) and (summary["n"], summary["failed"]) == (2, 2)
+    assert stats.summarize([None])["mean"] is None
+    high, low = stats.summarize([0.9, 0.95]), stats.summarize([0.5, 0.52])
+    assert stats.compare(high, low) == "better" and stats.compare(low, high) == "worse"
+    assert stats.compare(low, high, higher_is_better=False) == "better"
+    assert stats.compare(high, stats.summarize([0.93, 0.7])) == "tie"  # the gap is inside the second's range
+    assert stats.format_summary(high) == "0.925 ± 0.035 (2 seeds)"
+
+
+def test_expand_nests_points_seeds_and_rates():
+    trials = grid.expand(_points(), TRAIN, learning_rates=[1e-3, 3e-3], seeds=[0, 1])
+    assert len(trials) == 8
+    assert [(t.labels["model"], t.train_config.seed, t.train_config.lr) for t in trials[:4]] == [
+        ("GDN", 0, 1e-3), ("GDN", 0, 3e-3), ("GDN", 1, 1e-3), ("GDN", 1, 3e-3)]
+    assert trials[2].data.seed == 1 and trials[0].data.seed == 0  # the seed moves the data stream too
+    assert trials[1].folder == "model-GDN_pairs-2/lr0.003_seed0"
+    assert grid.expand(_points(), TRAIN)[0].train_config.lr == TRAIN.lr
+
+
+def test_run_records_resumes_and_refuses_other_settings(tmp_path, monkeypatch):
+    trials = grid.expand(_points(), TRAIN, learning_rates=[1e-3, 3e-2], seeds=[0])
+    records = grid.run(trials, tmp_path, score=SCORE)
+    assert [(r["model"], r["lr"]) for r in records] == [("GDN", 1e-3), ("GDN", 3e-2), ("Transformer", 1e-3),
+                                                        ("Transformer", 3e-2)]
+    assert all(r["status"] == "ok" and r["steps"] == 3 and 0 <= r["accuracy"] <= 1 for r in records)
+    assert json.loads((tmp_path / trials[0].folder / grid.TRIAL_FILE).read_text()) == records[0]
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished trial was trained again")
+
+    monkeypatch.setattr(grid, "train", no_training)
+    assert grid.run(trials, tmp_path, score=SCORE) == records
+    other = grid.expand(_points(), TRAIN.replace(steps=4), learning_rates=[1e-3], seeds=[0])
+    with pytest.raises(ConfigError, match="steps=3, not 4"):
+        grid.run(other, tmp_path, score=SCORE)
+    model = grid.load_model(records[0])
+    assert model.num_params() == records[0]["num_params"] and not model.training
+
+
+def test_best_over_lr_and_over_seeds():
+    def record(model, seed, lr, accuracy, loss=1.0):
+        return {"model": model, "lr": lr, "seed": seed, "accuracy": accuracy, "final_val_loss": loss}
+
+    records = [record("GDN", 0, 1e-3, 0.5), record("GDN", 0, 3e-3, 0.9), record("GDN", 1, 1e-3, 0.7),
+               record("GDN", 1, 3e-3, None),  # diverged: the worst
+               record("TF", 0, 1e-3, 1.0, loss=0.2), record("TF", 0, 3e-3, 1.0, loss=0.1)]
+    best = grid.best_over_lr(records, "accuracy")
+    assert [(r["model"], r["seed"], r["lr"]) for r in best] == [("GDN", 0, 3e-3), ("GDN", 1, 1e-3), ("TF", 0, 3e-3)]
+    assert best[1]["lr_scores"] == {"0.001": 0.7, "0.003": None}
+    lowest = grid.best_over_lr(records, "final_val_loss", higher_is_better=False)
+    assert lowest[2]["lr"] == 3e-3
+    rows = grid.over_seeds(best, "accuracy")
+    gdn = grid.find_row(rows, model="GDN")
+    assert (gdn["mean"], gdn["spread"], gdn["n"], gdn["seeds"], gdn["lrs"]) == (0.8, pytest.approx(0.2), 2, [0, 1],
+                                                                               [3e-3, 1e-3])
+    assert grid.find_row(rows, model="TF")["std"] == 0.0
+    with pytest.raises(ConfigError, match="0 rows match"):
+        grid.find_row(rows, model="DeltaNet")
+
+
+def test_diverged_trial_is_recorded(tmp_path):
+    trials = grid.expand(_points()[:1], TRAIN.replace(grad_clip=0.0), learning_rates=[1e6])
+    (record,) = grid.run(trials, tmp_path, score=SCORE)
+    assert record["status"] == "diverged" and "accuracy" not in record
+    assert grid.best_over_lr([record], "accuracy")[0]["lr_scores"] == {"1e+06": None}
+
+
+def test_workers_give_the_records_of_one_process(tmp_path):
+    trials = grid.expand(_points()[:1], TRAIN, learning_rates=[1e-3, 3e-3])
+    serial = grid.run(trials, tmp_path / "serial", score=SCORE)
+    parallel = grid.run(trials, tmp_path / "parallel", score=SCORE, workers=2)
+    drop = ("run_dir", "train_seconds")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in parallel] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in serial]
