@@ -1,16 +1,21 @@
 """Long-context probes: passkey retrieval, loss by token position, cost vs sequence length.
 
-Passkey retrieval in the style of RULER's S-NIAH (single needle, Hsieh et al. 2024) and the
-passkey test of Mohtashami & Jaggi (2023): one needle sentence hidden at a chosen depth of a
-haystack, a question at the end, the model must continue with the number.
+Passkey retrieval in the style of RULER (Hsieh et al. 2024): its multi-key needle-in-a-haystack
+(MK-NIAH) with one distractor. Two needle sentences, each naming a key word and a number, sit at
+random depths of a haystack that starts at a random offset of its source; the question names one
+key, and the model must continue with that key's number:
 
-    The grass is green. The sky is blue. ... The special magic number is 73519. ... The sun is
-    yellow. What is the special magic number? The special magic number is|73519
+    ...is yellow. Here we go. The pass key for walnut is 31842. There and back again. The grass is
+    green. ... The pass key for harbor is 73519. The sky is blue. ... What is the pass key for
+    harbor? The pass key for harbor is|73519
 
-Two haystacks: `"noise"` repeats five short sentences (S-NIAH-1, the pass-key task); `"text"`
-walks through real prose (`gdn_lab.data.embedded_corpus("pydoc")`, S-NIAH-2's number in an
-essay). Every piece is tokenized on its own and the ids concatenated, so the prompt is exactly
-`context_len` tokens for any tokenizer and the needle sits on a sentence boundary.
+The distractor (another key, another number) means that copying "the only number in the context"
+or "the number nearest the question" does not solve it, and the random start means no absolute
+position carries the answer. Two haystacks: `"noise"` repeats five short sentences (RULER's
+repeated-noise haystack, the pass-key test of Mohtashami & Jaggi 2023); `"text"` walks through
+real prose (`gdn_lab.data.embedded_corpus("pydoc")`, RULER's essay haystack). Every piece is
+tokenized on its own and the ids concatenated, so the prompt is exactly `context_len` tokens for
+any tokenizer and the needles sit on sentence boundaries.
 
 Accuracy is scored with one teacher-forced forward pass: greedy decoding reproduces the whole
 answer exactly when the argmax at every answer position is the right token, so the exact-match
@@ -30,7 +35,7 @@ import random
 import re
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -43,8 +48,15 @@ from .tasks import answer_correct, derive_seed, exact_match
 HAYSTACKS = ("noise", "text")
 NOISE_SENTENCES = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
                    "There and back again.")
-NEEDLE = "The special magic number is {passkey}."
-QUESTION = "What is the special magic number? The special magic number is"
+NEEDLE = "The pass key for {key} is {passkey}."
+QUESTION = "What is the pass key for {key}? The pass key for {key} is"
+KEYS = ("apple", "anchor", "badger", "bamboo", "beacon", "canyon", "carrot", "castle", "cobalt", "comet",
+        "copper", "cricket", "dolphin", "dragon", "ember", "falcon", "fossil", "garnet", "glacier", "hammer",
+        "harbor", "hazel", "island", "jasper", "kettle", "lantern", "lemon", "locket", "magnet", "maple",
+        "marble", "meadow", "mirror", "nectar", "nickel", "oyster", "parrot", "pebble", "pepper", "pigeon",
+        "pillow", "planet", "pocket", "quartz", "rabbit", "raven", "ribbon", "saddle", "salmon", "silver",
+        "spider", "tablet", "thistle", "timber", "tomato", "tunnel", "turtle", "velvet", "violet", "walnut",
+        "willow", "window", "yellow", "zephyr")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -58,21 +70,31 @@ def _require(ok: bool, message: str) -> None:
 
 @dataclass(frozen=True)
 class PasskeyExample:
-    """One needle-in-a-haystack prompt.
+    """One needle-in-a-haystack prompt with distractors.
 
-    input_ids [context_len] long: haystack with the needle inside, then the question.
+    input_ids [context_len] long: haystack with the needles inside, then the question.
     answer_ids [A] long: the passkey's tokens, the continuation the model must produce.
-    needle_span: (start, end) token indices of the needle sentence in `input_ids`.
-    depth: where the needle actually starts, as a fraction of the haystack tokens before it
+    needle_span: (start, end) token indices of the asked needle in `input_ids`; `key` is the key
+    word it and the question name, `passkey` its number.
+    depth: where the asked needle actually starts, as a fraction of the haystack tokens before it
     (the asked depth moved to the nearest sentence boundary).
+    distractor_spans / distractor_keys / distractor_passkeys: the other needles (other keys, other
+    numbers), at their own depths.
+    haystack_start: (sentence index in the haystack's source, tokens cut from that sentence's
+    front): where this prompt's haystack begins.
     """
 
     input_ids: torch.Tensor
     answer_ids: torch.Tensor
     needle_span: tuple[int, int]
     passkey: str
+    key: str
     depth: float
     haystack_len: int
+    distractor_spans: tuple[tuple[int, int], ...] = ()
+    distractor_keys: tuple[str, ...] = ()
+    distractor_passkeys: tuple[str, ...] = ()
+    haystack_start: tuple[int, int] = (0, 0)
 
 
 def random_passkey(rng: random.Random, num_digits: int = 5) -> str:
@@ -84,20 +106,19 @@ def random_passkey(rng: random.Random, num_digits: int = 5) -> str:
 def _text_sentences(corpus: str) -> tuple[str, ...]:
     text = " ".join(embedded_corpus(corpus).split())
     sentences = re.split(r"(?<=[.!?])\s+", text)
-    keep = tuple(s for s in sentences if 20 <= len(s) <= 200 and "magic number" not in s
+    keep = tuple(s for s in sentences if 20 <= len(s) <= 200 and "pass key" not in s
                  and not any(ch in s for ch in "|+*=")  # prose, not tables or code
                  and sum(ch.isalpha() or ch == " " for ch in s) >= 0.85 * len(s))
     _require(len(keep) > 100, f"corpus {corpus!r} has too few sentences for a haystack; use haystack='noise'")
     return keep
 
 
-def _haystack_sentences(haystack: str, rng: random.Random) -> Iterable[str]:
-    """An endless stream of haystack sentences."""
-    if haystack == "noise":
-        sentences, start = NOISE_SENTENCES, 0
-    else:
-        sentences = _text_sentences("pydoc")
-        start = rng.randrange(len(sentences))
+def _source(haystack: str) -> tuple[str, ...]:
+    return NOISE_SENTENCES if haystack == "noise" else _text_sentences("pydoc")
+
+
+def _haystack_sentences(sentences: Sequence[str], start: int) -> Iterator[str]:
+    """An endless stream of haystack sentences from sentence `start` of the source, wrapping around."""
     index = start
     while True:
         yield sentences[index % len(sentences)]
@@ -114,66 +135,113 @@ def _split_answer(tokenizer, passkey: str) -> tuple[list[int], list[int]]:
     return ids[:split], ids[split:]
 
 
-def shortest_prompt(tokenizer, num_digits: int = 5) -> int:
-    """The fewest prompt tokens `make_haystack` accepts for any `num_digits`-digit passkey: needle,
-    question and one haystack token (plus one token of slack: a subword tokenizer may split the
-    space before the answer off differently for different digits)."""
+def shortest_prompt(tokenizer, num_digits: int = 5, distractors: int = 1) -> int:
+    """The fewest prompt tokens `make_haystack` accepts for any key and `num_digits`-digit passkey:
+    the needles, the question and one haystack token (plus one token of slack: a subword tokenizer
+    may split the space before the answer off differently for different digits)."""
     passkey = "0" * num_digits
     tail, _ = _split_answer(tokenizer, passkey)
-    return (len(tokenizer.encode(" " + NEEDLE.format(passkey=passkey))) + len(tokenizer.encode(" " + QUESTION))
-            + len(tail) + 2)
+    needle = max(len(tokenizer.encode(" " + NEEDLE.format(key=k, passkey=passkey))) for k in KEYS)
+    question = max(len(tokenizer.encode(" " + QUESTION.format(key=k))) for k in KEYS)
+    return (1 + distractors) * needle + question + len(tail) + 2
+
+
+def _nearest_boundary(boundaries: Sequence[int], target: float, taken: set[int]) -> int:
+    """The boundary nearest `target` (ties: the earlier one), avoiding `taken` while any is free."""
+    free = [b for b in boundaries if b not in taken] or list(boundaries)
+    return min(free, key=lambda b: (abs(b - target), b))
 
 
 def make_haystack(tokenizer, context_len: int, depth: float, passkey: str | None = None,
-                  haystack: str = "noise", seed: int = 0, num_digits: int = 5) -> PasskeyExample:
+                  haystack: str = "noise", seed: int = 0, num_digits: int = 5, distractors: int = 1,
+                  key: str | None = None) -> PasskeyExample:
     """A needle-in-a-haystack prompt of exactly `context_len` tokens.
 
-    Layout: [haystack before][needle][haystack after][question], each sentence tokenized as
-    ' ' + sentence. The needle goes on the sentence boundary nearest to `depth` (0 = first,
-    1 = right before the question) of the haystack tokens; the haystack's last sentence is cut
-    to make the length exact. `passkey` (a digit string) is drawn from `seed` when None; the
-    text haystack also starts at a seeded sentence.
+    Layout: the haystack with the asked needle and `distractors` other needles on sentence
+    boundaries, then the question, each sentence tokenized as ' ' + sentence. The asked needle
+    goes on the boundary nearest to `depth` (0 = first, 1 = right before the question) of the
+    haystack tokens, each distractor on another boundary at its own random depth. From `seed`:
+    the key (one of `KEYS`, or `key`), the passkey (when None), the distractors' keys (never the
+    asked one) and numbers (never the passkey), their depths, and where the haystack starts (a
+    random sentence of its source, cut by a random number of tokens, so it may begin mid-sentence).
+    None of these draws depends on `context_len` or `depth`: one seed gives the same keys, numbers
+    and start at every length and depth. The haystack's last sentence is cut to make the length exact.
 
     >>> tokenizer = ByteTokenizer()
-    >>> ex = make_haystack(tokenizer, 160, depth=0.5, passkey="73519")
+    >>> ex = make_haystack(tokenizer, 200, depth=0.5, passkey="73519")
     >>> ex.input_ids.shape, tokenizer.decode(ex.answer_ids.tolist())
-    (torch.Size([160]), '73519')
+    (torch.Size([200]), '73519')
     """
     _require(haystack in HAYSTACKS, f"haystack={haystack!r}; use one of {HAYSTACKS}")
     _require(0.0 <= depth <= 1.0, f"depth={depth} must be in [0, 1] (0 = start of the context, 1 = end)")
+    _require(0 <= distractors < len(KEYS), f"distractors={distractors}; use 0 to {len(KEYS) - 1}")
     rng = random.Random(derive_seed(seed, "passkey"))
     passkey = random_passkey(rng, num_digits) if passkey is None else passkey
     _require(passkey.isdigit(), f"passkey={passkey!r} must be a string of digits")
-    needle = tokenizer.encode(" " + NEEDLE.format(passkey=passkey))
+    key = rng.choice(KEYS) if key is None else key
+    others = rng.sample([k for k in KEYS if k != key], distractors)
+    values: list[str] = []
+    while len(values) < distractors:
+        value = random_passkey(rng, len(passkey))
+        if value != passkey and value not in values:
+            values.append(value)
+    other_depths = [rng.random() for _ in range(distractors)]
+    sentences = _source(haystack)
+    start_sentence, start_cut = rng.randrange(len(sentences)), rng.random()
+
+    needle = tokenizer.encode(" " + NEEDLE.format(key=key, passkey=passkey))
+    other_needles = [tokenizer.encode(" " + NEEDLE.format(key=k, passkey=v)) for k, v in zip(others, values,
+                                                                                              strict=True)]
     answer_tail, answer = _split_answer(tokenizer, passkey)
-    question = tokenizer.encode(" " + QUESTION) + answer_tail
-    budget = context_len - len(needle) - len(question)
-    fixed = len(needle) + len(question)
-    _require(budget >= 1, f"context_len={context_len} leaves no room for a haystack around the needle and question "
+    question = tokenizer.encode(" " + QUESTION.format(key=key)) + answer_tail
+    fixed = len(needle) + sum(map(len, other_needles)) + len(question)
+    budget = context_len - fixed
+    _require(budget >= 1, f"context_len={context_len} leaves no room for a haystack around the needles and question "
                           f"({fixed} tokens); use context_len >= {fixed + 1}")
 
     filler: list[int] = []
     boundaries = [0]  # token offsets where a haystack sentence starts
-    for sentence in _haystack_sentences(haystack, rng):
-        filler += tokenizer.encode(" " + sentence)
+    skip = None
+    for sentence in _haystack_sentences(sentences, start_sentence):
+        ids = tokenizer.encode(" " + sentence)
+        if skip is None:  # the first sentence loses a random number of leading tokens
+            skip = int(start_cut * len(ids))
+            ids = ids[skip:]
+        filler += ids
         if len(filler) >= budget:
             break
         boundaries.append(len(filler))
     filler = filler[:budget]
     boundaries.append(budget)
-    target = depth * budget
-    cut = min(boundaries, key=lambda b: (abs(b - target), b))
-    ids = filler[:cut] + needle + filler[cut:] + question
+
+    cut = _nearest_boundary(boundaries, depth * budget, set())
+    taken = {cut}
+    inserts = [(cut, 0, needle)]
+    for i, (ids, where) in enumerate(zip(other_needles, other_depths, strict=True), start=1):
+        other_cut = _nearest_boundary(boundaries, where * budget, taken)
+        taken.add(other_cut)
+        inserts.append((other_cut, i, ids))
+    ids, spans, previous = [], {}, 0
+    for at, which, piece in sorted(inserts, key=lambda item: (item[0], item[1])):
+        ids += filler[previous:at]
+        spans[which] = (len(ids), len(ids) + len(piece))
+        ids += piece
+        previous = at
+    ids += filler[previous:] + question
     return PasskeyExample(input_ids=torch.tensor(ids, dtype=torch.long), answer_ids=torch.tensor(answer),
-                          needle_span=(cut, cut + len(needle)), passkey=passkey, depth=cut / budget,
-                          haystack_len=budget)
+                          needle_span=spans[0], passkey=passkey, key=key, depth=cut / budget, haystack_len=budget,
+                          distractor_spans=tuple(spans[i] for i in range(1, distractors + 1)),
+                          distractor_keys=tuple(others), distractor_passkeys=tuple(values),
+                          haystack_start=(start_sentence, skip or 0))
 
 
 def passkey_examples(tokenizer, context_len: int, depth: float, num_samples: int, seed: int = 0,
-                     haystack: str = "noise", num_digits: int = 5) -> list[PasskeyExample]:
-    """`num_samples` prompts with seeds `seed + i`: sample i carries the same passkey at every
-    length and depth, so the cells of an accuracy table differ only in length and depth."""
-    return [make_haystack(tokenizer, context_len, depth, haystack=haystack, seed=seed + i, num_digits=num_digits)
+                     haystack: str = "noise", num_digits: int = 5, distractors: int = 1) -> list[PasskeyExample]:
+    """`num_samples` prompts with seeds `seed + i`: sample i carries the same keys, numbers and
+    haystack start at every length and depth, so the cells of an accuracy table differ only in
+    length and depth."""
+    return [make_haystack(tokenizer, context_len, depth, haystack=haystack, seed=seed + i, num_digits=num_digits,
+                          distractors=distractors)
             for i in range(num_samples)]
 
 
@@ -238,7 +306,7 @@ def score_passkey(model, examples: Sequence[PasskeyExample], batch_size: int = 8
 
 def passkey_accuracy(model, tokenizer, lengths: Sequence[int], depths: Sequence[float], num_samples: int = 10,
                      seed: int = 0, haystack: str = "noise", batch_size: int = 8, num_digits: int = 5,
-                     dtype: torch.dtype | None = None) -> list[dict]:
+                     dtype: torch.dtype | None = None, distractors: int = 1) -> list[dict]:
     """Passkey retrieval over a grid of context lengths x needle depths.
 
     Returns one record per cell: {"context_len", "depth", "haystack", "num_samples",
@@ -249,7 +317,8 @@ def passkey_accuracy(model, tokenizer, lengths: Sequence[int], depths: Sequence[
     records = []
     for context_len in lengths:
         for depth in depths:
-            examples = passkey_examples(tokenizer, context_len, depth, num_samples, seed, haystack, num_digits)
+            examples = passkey_examples(tokenizer, context_len, depth, num_samples, seed, haystack, num_digits,
+                                        distractors)
             scores = score_passkey(model, examples, batch_size=batch_size, dtype=dtype)
             records.append({"context_len": int(context_len), "depth": float(depth), "haystack": haystack,
                             "num_samples": num_samples, **scores})
@@ -262,6 +331,37 @@ def passkey_grid(records: Sequence[dict], value: str = "accuracy") -> tuple[list
     depths = sorted({r["depth"] for r in records})
     cell = {(r["context_len"], r["depth"]): r[value] for r in records}
     return lengths, depths, [[cell.get((n, d), math.nan) for n in lengths] for d in depths]
+
+
+def average_cells(tables: Sequence[Sequence[dict]]) -> list[dict]:
+    """`passkey_accuracy` records of several runs (same lengths and depths) averaged cell by cell:
+    "accuracy" and "digit_accuracy" are the means over runs, "runs" how many there were."""
+    _require(len(tables) >= 1, "average_cells needs at least one table of passkey_accuracy records")
+    cells: dict[tuple[int, float], list[dict]] = {}
+    for table in tables:
+        for record in table:
+            cells.setdefault((record["context_len"], record["depth"]), []).append(record)
+    return [{**group[0], "accuracy": statistics.fmean(r["accuracy"] for r in group),
+             "digit_accuracy": statistics.fmean(r["digit_accuracy"] for r in group), "runs": len(group)}
+            for group in cells.values()]
+
+
+def accuracy_by_length(records: Sequence[dict], value: str = "accuracy") -> dict[int, float]:
+    """{context_len: `value` averaged over the needle depths} of `passkey_accuracy` records, by length."""
+    lengths = sorted({r["context_len"] for r in records})
+    return {n: statistics.fmean(r[value] for r in records if r["context_len"] == n) for n in lengths}
+
+
+def render_example(tokenizer, example: PasskeyExample) -> str:
+    """The prompt as text with the asked needle between '>>' marks and each distractor between
+    '!!' marks (for a reader; the model sees no marks), then '|' and the answer."""
+    ids = example.input_ids.tolist()
+    spans = sorted([(*example.needle_span, ">>")] + [(*span, "!!") for span in example.distractor_spans])
+    text, last = "", 0
+    for start, end, mark in spans:
+        text += tokenizer.decode(ids[last:start]) + f" {mark}" + tokenizer.decode(ids[start:end]) + f" {mark}"
+        last = end
+    return text + tokenizer.decode(ids[last:]) + "|" + tokenizer.decode(example.answer_ids.tolist())
 
 
 def passkey_heatmap(tables: dict[str, Sequence[dict]], value: str = "accuracy", title: str = "Passkey retrieval"):
@@ -287,29 +387,34 @@ def passkey_heatmap(tables: dict[str, Sequence[dict]], value: str = "accuracy", 
     return fig
 
 
+
 class PasskeyData:
     """Passkey prompts as a training set, behind the batch-source protocol of `gdn_lab.data`.
 
-    Every row is a prompt followed by its answer, right-padded to exactly `seq_len` tokens after
+    Every row is a prompt (`make_haystack`: a random key, `distractors` distractor needles, a
+    random haystack start) followed by its answer, right-padded to exactly `seq_len` tokens after
     the shift; the loss mask covers the answer only. The prompt length is uniform in
-    [min_context_len, seq_len + 1 - len(answer)] (min_context_len None: half of seq_len, or the
-    shortest prompt that holds needle and question if that is longer) and the needle depth uniform
-    in [0, 1]. The length varies on purpose: trained on prompts of one fixed length, a transformer
-    learned a solution tied to that length (CPU, tiny preset, rows of 128 bytes: exact match 1.0 on
-    124-byte prompts, the training length, and 0.0 on 128-byte ones unless the needle sat right before
-    the question). Row i of step n comes from seed (seed, "train", n, i): resuming at step n sees the
-    same rows; rank r of w gets rows [r*B, (r+1)*B).
+    [min_context_len, max_context_len = seq_len + 1 - num_digits] (min_context_len None: half of
+    seq_len, or the shortest prompt that holds needles and question if that is longer) and the
+    needle depth uniform in [0, 1]. The length varies on purpose: trained on prompts of one fixed
+    length, a transformer learned a solution tied to that length (CPU, tiny preset, rows of 128
+    bytes: exact match 1.0 on 124-byte prompts, the training length, and 0.0 on 128-byte ones unless
+    the needle sat right before the question). Row i of step n comes from seed (seed, "train", n, i):
+    resuming at step n sees the same rows; rank r of w gets rows [r*B, (r+1)*B). `test_seed` starts
+    a third stream for held-out test prompts (`score_passkey_data`).
     """
 
     def __init__(self, tokenizer, seq_len: int, seed: int = 0, haystack: str = "noise", num_digits: int = 5,
-                 min_context_len: int | None = None):
+                 min_context_len: int | None = None, distractors: int = 1):
+        _require(haystack in HAYSTACKS, f"haystack={haystack!r}; use one of {HAYSTACKS}")
         self.tokenizer, self.seq_len, self.seed = tokenizer, seq_len, seed
-        self.haystack, self.num_digits = haystack, num_digits
+        self.haystack, self.num_digits, self.distractors = haystack, num_digits, distractors
         self.max_context_len = seq_len + 1 - num_digits  # an answer takes at most one token per digit
-        shortest = shortest_prompt(tokenizer, num_digits)
+        shortest = shortest_prompt(tokenizer, num_digits, distractors)
         _require(self.max_context_len >= shortest,
-                 f"seq_len={seq_len} leaves {self.max_context_len} prompt tokens; needle and question need "
+                 f"seq_len={seq_len} leaves {self.max_context_len} prompt tokens; needles and question need "
                  f"{shortest}: use seq_len >= {seq_len + shortest - self.max_context_len}")
+        self._min_context_len = min_context_len
         self.min_context_len = max(shortest, seq_len // 2) if min_context_len is None else min_context_len
         _require(shortest <= self.min_context_len <= self.max_context_len,
                  f"min_context_len={min_context_len} must be in [{shortest}, {self.max_context_len}] "
@@ -320,7 +425,7 @@ class PasskeyData:
         passkey = random_passkey(rng, self.num_digits)
         context_len = rng.randint(self.min_context_len, self.max_context_len)
         return make_haystack(self.tokenizer, context_len, rng.random(), passkey, self.haystack,
-                             seed=rng.randrange(2 ** 31), num_digits=self.num_digits)
+                             seed=rng.randrange(2 ** 31), num_digits=self.num_digits, distractors=self.distractors)
 
     def _batch(self, examples: list[PasskeyExample]) -> Batch:
         return answer_batch(examples, width=self.seq_len + 1)
@@ -329,11 +434,24 @@ class PasskeyData:
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
 
+    @property
+    def test_seed(self) -> int:
+        """First seed of the held-out test prompts (`passkey_examples(..., seed=test_seed)`): a
+        stream of its own per data seed, so the spread over seeds covers the test prompts too."""
+        return derive_seed(self.seed, "test") % 2 ** 31
+
+    def replace(self, **changes) -> PasskeyData:
+        """A copy with some settings changed, e.g. `data.replace(seed=1)` (what `gdn_lab.grid` calls)."""
+        settings = {"tokenizer": self.tokenizer, "seq_len": self.seq_len, "seed": self.seed,
+                    "haystack": self.haystack, "num_digits": self.num_digits,
+                    "min_context_len": self._min_context_len, "distractors": self.distractors, **changes}
+        return PasskeyData(**settings)
+
     def describe(self) -> dict:
         """What a run directory's config.json records about the data."""
         return {"task": "passkey", "seq_len": self.seq_len, "haystack": self.haystack, "num_digits": self.num_digits,
-                "context_len": [self.min_context_len, self.max_context_len], "seed": self.seed,
-                "tokenizer": getattr(self.tokenizer, "name", None)}
+                "distractors": self.distractors, "context_len": [self.min_context_len, self.max_context_len],
+                "seed": self.seed, "tokenizer": getattr(self.tokenizer, "name", None)}
 
     def train_batch(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1) -> Batch:
         """This rank's `batch_size` rows of step `step`: inputs/targets [B, seq_len], mask on the answer."""
@@ -347,8 +465,38 @@ class PasskeyData:
 
     def __repr__(self) -> str:
         return (f"PasskeyData(seq_len={self.seq_len}, context_len={self.min_context_len}..{self.max_context_len}, "
-                f"haystack={self.haystack!r}, num_digits={self.num_digits}, "
+                f"haystack={self.haystack!r}, num_digits={self.num_digits}, distractors={self.distractors}, "
                 f"seed={self.seed})")
+
+
+def score_passkey_data(model, data: PasskeyData, depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+                       num_samples: int = 50, batch_size: int = 50) -> dict:
+    """A trained model's passkey score at its training length: the score function of a `gdn_lab.grid`
+    run (module level, so spawned workers can take it; bind the arguments with functools.partial).
+
+    `num_samples` held-out prompts (seeds from `data.test_seed`) per depth in `depths`, each
+    `data.max_context_len` tokens (the longest prompt of training) on the data's haystack, scored
+    under the training dtype (bf16 autocast on GPUs). Returns {"exact_match", "digit_accuracy"
+    (means over the depth cells), "exact_match_by_depth": {depth: rate}, "test_samples"}.
+    """
+    from .env import pick_dtype
+
+    device = _model_device(model)
+    dtype = pick_dtype(device)
+    cells = passkey_accuracy(model, data.tokenizer, [data.max_context_len], depths, num_samples=num_samples,
+                             seed=data.test_seed, haystack=data.haystack, batch_size=batch_size,
+                             num_digits=data.num_digits, dtype=None if dtype == torch.float32 else dtype,
+                             distractors=data.distractors)
+    return {"exact_match": statistics.fmean(c["accuracy"] for c in cells),
+            "digit_accuracy": statistics.fmean(c["digit_accuracy"] for c in cells),
+            "exact_match_by_depth": {f"{c['depth']:g}": c["accuracy"] for c in cells},
+            "test_samples": num_samples * len(cells)}
+
+
+def learned(exact_match_rate: float | None, threshold: float = 0.9) -> bool:
+    """Whether a run learned the task at its training length: exact match >= `threshold`."""
+    return exact_match_rate is not None and exact_match_rate >= threshold
+
 
 
 # ----------------------------------------------------------------------------------------------

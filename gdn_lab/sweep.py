@@ -1,29 +1,43 @@
-"""Sweeps: several model variants through the one training loop, collected into one table.
+"""Sweeps: several model variants through the one training loop, each at its best learning rate,
+the best of them over several seeds, collected into one table.
 
-    base = ModelConfig(vocab_size=data.vocab_size, hidden_size=384, num_layers=12, num_heads=6, head_dim=64,
-                       attn_num_heads=6)
-    variants = hybrid_variants(base)          # the seed's hybrid study, by pattern name
-    sweep = run_sweep(variants, TrainConfig(steps=400, batch_size=16, seq_len=1024), data, "runs/hybrids")
-    print(sweep.table())
+    base = ModelConfig(vocab_size=data.vocab_size, hidden_size=256, num_layers=8, num_heads=4, head_dim=64,
+                       attn_num_heads=4)
+    variants = hybrid_variants(base, ["gdn", "transformer", "sparse", "alternating", "late"])
+    sweep = run_sweep(variants, TrainConfig(steps=440, batch_size=48, seq_len=1024), data, "runs/hybrids",
+                      learning_rates=[1e-3, 2e-3, 4e-3], seeds=3, seeded=3)
+    print(sweep.table())                   # per variant: chosen lr, loss mean ± std over seeds
+    print(rank_stability(sweep))           # does the order hold over the last 30% of training?
 
-Every variant trains with `gdn_lab.train.train` on the same data and token budget: the same
-steps, batch and sequence length, so the same batches in the same order. Only the learning rate
-follows a rule per variant (`seed_learning_rate` by default: the seed's 1e-3 for pure GDN, 2e-3
-for anything with attention). Each variant gets its own run directory `sweep_dir/<name>`.
+The protocol. Every run uses `gdn_lab.train.train` with the same steps, batch and sequence length.
+1. Learning rates: with `learning_rates`, every variant trains at every rate with the first seed
+   (`train_config.seed`); its rate is the one with the lowest final validation loss
+   (`gdn_lab.grid.best_over_lr`). Without, one rate per variant from `lr_by_variant` (default
+   `seed_learning_rate`, the seed's rule: 1e-3 pure GDN, 2e-3 anything with attention).
+2. Seeds: the `seeded` best variants (by that loss) train again at their chosen rate with seeds
+   seed+1, ..., seed+seeds-1. A seed sets the model's initialisation and the order of the training
+   batches (data with a `seed`: its shuffle seed moves by the same offset); the validation
+   batches stay the same, and within one seed every variant sees the same batches.
+3. Summary per variant: final validation loss over its seeds (`gdn_lab.grid.over_seeds` ->
+   `gdn_lab.stats.summarize`); two variants tie when their means differ by no more than the larger
+   seed range (`gdn_lab.stats.compare`), a variant with one seed borrowing the largest range
+   measured in the sweep (`SweepResult.noise`).
 
-Resumable: a variant whose run finished (its metrics.json exists) is read back, not retrained;
-an interrupted one resumes from its newest checkpoint (`resume='auto'`). So a Colab disconnect
-costs at most the variant in progress, and of that only the steps since its last checkpoint.
-Settings that differ from those a run directory was made with stop the sweep before anything
-trains (one-line ConfigError). A variant whose loss diverges is recorded with status 'diverged'
-and the sweep goes on.
+Each run (variant, lr, seed) gets its own run directory `sweep_dir/<name>/lr<lr>_seed<seed>`.
+Resumable: a run that finished (its metrics.json exists) is read back, not retrained; an
+interrupted one resumes from its newest checkpoint (`resume='auto'`). So a Colab disconnect
+costs at most the run in progress, and of that only the steps since its last checkpoint.
+Settings that differ from those a run directory was made with stop the sweep before anything of
+that phase trains (one-line ConfigError). A run whose loss diverges is recorded with status
+'diverged' (the worst rate of a grid) and the sweep goes on.
 
-Files: `sweep_dir/sweep.json` (the SweepResult, rewritten after every variant),
-`sweep_dir/<name>/` (train's run directory, plus `variant.json`: status, peak memory, wall time),
-`sweep_dir/budget.json` (the plan of `budget_train_config`, when one was made).
+Files: `sweep_dir/sweep.json` (the SweepResult, rewritten after every run),
+`sweep_dir/<name>/lr<lr>_seed<seed>/` (train's run directory, plus `variant.json`: status, peak
+memory, wall time), `sweep_dir/budget.json` (the plan of `budget_train_config`, when one was made).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import json
@@ -38,6 +52,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import grid, stats
 from .config import ConfigError, ModelConfig, TrainConfig
 from .env import pick_device
 from .models import build_model, count_params
@@ -53,6 +68,9 @@ SEED_EXP10 = {
     "hidden_size": 768, "num_layers": 12, "num_heads": 12, "seq_len": 1024, "batch_size": 48, "steps": 1000,
     "tokens": 49_152_000, "params": "188M-302M", "lr": {"gdn": 1e-3, "attention": 2e-3},
 }
+# The anchor at convergence: in the GDN paper (arXiv 2412.06464) the transformer (Transformer++) trails
+# pure Gated DeltaNet by about 0.1 nat per token at 1.3B parameters and 100B tokens.
+GDN_PAPER_TRANSFORMER_GAP = {"nats": 0.1, "params": "1.3B", "tokens": "100B", "source": "arXiv 2412.06464"}
 SWEEP_FILE, VARIANT_FILE, BUDGET_FILE = "sweep.json", "variant.json", "budget.json"
 # Settings that do not change what a run computes: a run made with other values is still this run.
 _RUN_INDEPENDENT = {"model": {"backend"}, "train": {"device", "log_every", "save_every"}}
@@ -93,12 +111,12 @@ def layout(config: ModelConfig) -> str:
 
 @dataclass
 class VariantResult:
-    """One row of a sweep. Losses are mean cross-entropy per token (nats) on the validation batches;
-    `tokens_per_second` counts training steps only (train_seconds, no evaluation); `wall_seconds`
-    is the wall clock of the train call that finished the variant (evaluations and checkpoint
-    writes included; after a resume only the resumed part); `peak_memory_mib` is
-    `torch.cuda.max_memory_allocated` over that call (None on the CPU). `curve` holds one record
-    per evaluation: step, tokens, train_loss (of that step), val_loss."""
+    """One run of a sweep: variant `name` at learning rate `lr` and seed `seed`. Losses are mean
+    cross-entropy per token (nats) on the validation batches; `tokens_per_second` counts training
+    steps only (train_seconds, no evaluation); `wall_seconds` is the wall clock of the train call
+    that finished the run (evaluations and checkpoint writes included; after a resume only the
+    resumed part); `peak_memory_mib` is `torch.cuda.max_memory_allocated` over that call (None on
+    the CPU). `curve` holds one record per evaluation: step, tokens, train_loss (of that step), val_loss."""
 
     name: str
     attn_layers: tuple[int, ...]
@@ -107,6 +125,7 @@ class VariantResult:
     lr: float
     params: int
     status: str
+    seed: int = 0
     final_val_loss: float | None = None
     best_val_loss: float | None = None
     tokens: int | None = None
@@ -122,52 +141,123 @@ class VariantResult:
 
 @dataclass
 class SweepResult:
-    """The rows of a sweep (`variants`, in the order they were given) and its `setup`: the shared
-    train config (before each variant's learning rate), the data description and any notes."""
+    """Every run of a sweep (`runs`: variants in the order given, each variant's learning-rate grid
+    at the first seed, then the extra seeds) and its `setup`: the shared train config (before each
+    run's learning rate and seed), the data description, the protocol and any notes.
 
-    variants: list[VariantResult]
+    Per variant: `chosen_lr` (lowest final validation loss at the first seed), `summary` (that
+    loss over seeds at the chosen rate), `ranking` (by mean), `compare` (better, worse or tie),
+    and `result[name]`: the run that represents the variant (chosen rate, first seed)."""
+
+    runs: list[VariantResult]
     setup: dict
     sweep_dir: str | None = None
-
-    def __getitem__(self, name: str) -> VariantResult:
-        for variant in self.variants:
-            if variant.name == name:
-                return variant
-        raise KeyError(f"no variant {name!r} in this sweep; it has {self.names}")
 
     @property
     def names(self) -> list[str]:
         """The variant names, in the order they were given."""
-        return [v.name for v in self.variants]
+        return list(dict.fromkeys(run.name for run in self.runs))
+
+    def runs_of(self, name: str) -> list[VariantResult]:
+        """Every run of variant `name` (KeyError names the variants there are)."""
+        found = [run for run in self.runs if run.name == name]
+        if not found:
+            raise KeyError(f"no variant {name!r} in this sweep; it has {self.names}")
+        return found
+
+    def _records(self) -> list[dict]:
+        return [{"variant": run.name, "lr": run.lr, "seed": run.seed,
+                 "final_val_loss": run.final_val_loss if run.status == "ok" else None} for run in self.runs]
+
+    def summaries(self) -> dict[str, dict]:
+        """{name: summary} for every variant: `stats.summarize` of the final validation loss over its
+        seeds at the chosen rate (mean, std, min, max, spread, n, failed, values), plus "variant",
+        "lr" (the chosen rate), "lr_scores" ({rate: loss} of the first seed's grid; None where a run
+        diverged), "seeds" and "lrs" (of the runs summarised)."""
+        first_seed = min(run.seed for run in self.runs)
+        best = grid.best_over_lr(self._records(), "final_val_loss", higher_is_better=False)
+        chosen = {r["variant"]: r for r in best if r["seed"] == first_seed}
+        at_chosen = [r for r in best if r["seed"] == first_seed or r["lr"] == chosen[r["variant"]]["lr"]]
+        return {row["variant"]: {**row, "lr": chosen[row["variant"]]["lr"],
+                                 "lr_scores": chosen[row["variant"]]["lr_scores"]}
+                for row in grid.over_seeds(at_chosen, "final_val_loss")}
+
+    def chosen_lr(self, name: str) -> float:
+        """The learning rate of variant `name` with the lowest final validation loss at the first seed."""
+        self.runs_of(name)
+        return self.summaries()[name]["lr"]
+
+    def __getitem__(self, name: str) -> VariantResult:
+        """The run that represents variant `name`: at its chosen rate, first seed."""
+        lr, first_seed = self.chosen_lr(name), min(run.seed for run in self.runs_of(name))
+        return next(run for run in self.runs_of(name) if run.lr == lr and run.seed == first_seed)
+
+    @property
+    def noise(self) -> float | None:
+        """The largest seed range (max - min final loss over seeds) among variants with two or more
+        finished seeds: what a variant with one seed is taken to vary by (None: no seeds measured)."""
+        spreads = [s["spread"] for s in self.summaries().values() if s["n"] >= 2]
+        return max(spreads) if spreads else None
+
+    def compare(self, a: str, b: str) -> str:
+        """'better', 'worse' or 'tie': variant `a` against `b` by mean final loss (lower is better).
+        A tie when the gap is within the larger seed range of the two (`stats.compare`); a variant
+        with one seed counts with the sweep's `noise` as its range."""
+        floor = self.noise or 0.0
+        summaries = self.summaries()
+        widened = [{**summaries[n], "spread": max(summaries[n]["spread"] or 0.0, floor)
+                    if summaries[n]["n"] < 2 else summaries[n]["spread"]} for n in (a, b)]
+        return stats.compare(*widened, higher_is_better=False)
 
     def ranking(self) -> list[str]:
-        """Names of the variants that finished, best (lowest final validation loss) first."""
-        return [v.name for v in sorted((v for v in self.variants if v.status == "ok"), key=lambda v: v.final_val_loss)]
+        """Names of the variants with a finished run, best (lowest mean final validation loss) first."""
+        summaries = self.summaries()
+        return sorted((n for n in self.names if summaries[n]["mean"] is not None), key=lambda n: summaries[n]["mean"])
+
+    def mean_curve(self, name: str) -> list[dict]:
+        """Validation loss of variant `name` at each evaluation, averaged over its finished seeds at
+        the chosen rate: [{"step", "tokens", "val_loss", "n"}] (steps every such run evaluated)."""
+        lr = self.chosen_lr(name)
+        curves = [run.curve for run in self.runs_of(name) if run.lr == lr and run.status == "ok" and run.curve]
+        if not curves:
+            return []
+        steps = sorted(set.intersection(*({r["step"] for r in curve} for curve in curves)))
+        by_step = [{r["step"]: r for r in curve} for curve in curves]
+        return [{"step": step, "tokens": by_step[0][step]["tokens"], "n": len(curves),
+                 "val_loss": sum(c[step]["val_loss"] for c in by_step) / len(curves)} for step in steps]
 
     def table(self) -> str:
-        """The rows as aligned text: rank, layout, attention share, lr, size, losses, speed, memory."""
+        """One row per variant: rank, layout, attention share, chosen lr, loss mean ± std over seeds
+        (n seeds), seed range, the loss at every rate of the grid, size, tokens, speed, memory."""
+        summaries = self.summaries()
+        ranks = {name: i + 1 for i, name in enumerate(self.ranking())}
+        rates = sorted({run.lr for run in self.runs})
+        width = max([len("layout")] + [len(run.layout) for run in self.runs])
 
         def fmt(value, spec: str) -> str:
             return "-" if value is None else format(value, spec)
 
-        ranks = {name: i + 1 for i, name in enumerate(self.ranking())}
-        width = max([len("layout")] + [len(v.layout) for v in self.variants])
-        header = (f"{'rank':>4}  {'variant':<12} {'layout':<{width}} {'attn':>5} {'lr':>8} {'params':>8} "
-                  f"{'val loss':>9} {'best':>8} {'tokens':>11} {'tokens/s':>10} {'peak MiB':>9} {'wall s':>7}  status")
+        header = (f"{'rank':>4}  {'variant':<12} {'layout':<{width}} {'attn':>5} {'lr':>8} "
+                  f"{'val loss (seeds)':>24} {'range':>7}  " + " ".join(f"{f'@{r:.0e}':>8}" for r in rates)
+                  + f" {'params':>8} {'tokens':>11} {'tokens/s':>10} {'peak MiB':>9}")
         lines = [header]
-        for v in self.variants:
+        for name in self.names:
+            s, run = summaries[name], self[name]
+            # '-': the rate diverged; blank: the variant did not train at that rate
+            scores = " ".join(f"{fmt(s['lr_scores'][f'{r:g}'], '.4f') if f'{r:g}' in s['lr_scores'] else '':>8}"
+                              for r in rates)
+            spread = fmt(s["spread"] if s["n"] > 1 else None, ".4f")
             lines.append(
-                f"{fmt(ranks.get(v.name), 'd'):>4}  {v.name:<12} {v.layout:<{width}} {v.attention_ratio:>5.0%} "
-                f"{v.lr:>8.1e} {v.params / 1e6:>7.2f}M {fmt(v.final_val_loss, '.4f'):>9} "
-                f"{fmt(v.best_val_loss, '.4f'):>8} {fmt(v.tokens, ',d'):>11} "
-                f"{fmt(v.tokens_per_second, ',.0f'):>10} {fmt(v.peak_memory_mib, ',.0f'):>9} "
-                f"{fmt(v.wall_seconds, '.1f'):>7}  {v.status}{' (reused)' if v.reused else ''}")
+                f"{fmt(ranks.get(name), 'd'):>4}  {name:<12} {run.layout:<{width}} {run.attention_ratio:>5.0%} "
+                f"{s['lr']:>8.1e} {stats.format_summary(s, 4):>24} {spread:>7}  {scores} {run.params / 1e6:>7.2f}M "
+                f"{fmt(run.tokens, ',d'):>11} {fmt(run.tokens_per_second, ',.0f'):>10} "
+                f"{fmt(run.peak_memory_mib, ',.0f'):>9}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        """Plain data (variants as dicts, plus the ranking) for JSON; `from_dict` reads it back."""
-        return {"variants": [dataclasses.asdict(v) for v in self.variants], "ranking": self.ranking(),
-                "setup": self.setup, "sweep_dir": self.sweep_dir}
+        """Plain data (runs as dicts, the summary per variant, the ranking) for JSON; `from_dict` reads it back."""
+        return {"runs": [dataclasses.asdict(run) for run in self.runs], "summary": self.summaries(),
+                "ranking": self.ranking(), "setup": self.setup, "sweep_dir": self.sweep_dir}
 
     def to_json(self, path: str | os.PathLike) -> pathlib.Path:
         """Write `to_dict()` with `gdn_lab.results.save_results` (environment, config and seed stamped)."""
@@ -175,11 +265,14 @@ class SweepResult:
 
     @classmethod
     def from_dict(cls, payload: dict) -> SweepResult:
-        """From `to_dict()`, or from a whole `save_results` file holding one (its "results" entry)."""
-        if "results" in payload and "variants" not in payload:
+        """From `to_dict()`, or from a whole `save_results` file holding one (its "results" entry).
+        Sweeps saved before the learning-rate grid (a "variants" list, one run each) read as one
+        run per variant at seed 0."""
+        if "results" in payload and "runs" not in payload and "variants" not in payload:
             payload = payload["results"]
-        variants = [VariantResult(**{**v, "attn_layers": tuple(v["attn_layers"])}) for v in payload["variants"]]
-        return cls(variants, payload.get("setup", {}), payload.get("sweep_dir"))
+        runs = [VariantResult(**{**run, "attn_layers": tuple(run["attn_layers"])})
+                for run in payload.get("runs", payload.get("variants", []))]
+        return cls(runs, payload.get("setup", {}), payload.get("sweep_dir"))
 
     @classmethod
     def from_json(cls, path_or_url: str | os.PathLike) -> SweepResult:
@@ -196,47 +289,114 @@ class SweepResult:
         return cls.from_dict(load_json(path_or_url))
 
 
+def rank_stability(result: SweepResult, window: float = 0.3) -> dict:
+    """Does the ranking hold over the last `window` of training? The variants (those that finished)
+    ranked by mean validation loss (`SweepResult.mean_curve`) at every evaluation whose step is at
+    least (1 - window) x the last step.
+
+    Returns {"window", "steps" (those evaluations), "orders" (best first, one per step), "stable"
+    (the same order at every one of them), "final_order", "swapped" (pairs [a, b] whose order
+    changes inside the window), "evaluations" (how many; a window with one evaluation is stable
+    by definition: evaluate more often)}."""
+    if not 0 < window <= 1:
+        raise ConfigError(f"window={window}; use a fraction of training in (0, 1], e.g. 0.3 for the last 30%")
+    curves = {name: {r["step"]: r["val_loss"] for r in result.mean_curve(name)} for name in result.ranking()}
+    curves = {name: curve for name, curve in curves.items() if curve}
+    common = sorted(set.intersection(*(set(c) for c in curves.values()))) if curves else []
+    last = common[-1] if common else 0
+    steps = [step for step in common if step >= (1 - window) * last]
+    orders = [sorted(curves, key=lambda name, s=step: curves[name][s]) for step in steps]
+    swapped = [[a, b] for a, b in itertools.combinations(sorted(curves), 2)
+               if len({curves[a][s] < curves[b][s] for s in steps}) > 1]
+    return {"window": window, "steps": steps, "orders": orders, "stable": len({tuple(o) for o in orders}) <= 1,
+            "final_order": orders[-1] if orders else [], "swapped": swapped, "evaluations": len(steps)}
+
+
 # ----------------------------------------------------------------------------- running
 
 
 def run_sweep(variants: Mapping[str, ModelConfig], train_config: TrainConfig, data, sweep_dir: str | os.PathLike,
               lr_by_variant: Mapping[str, float] | Callable[[ModelConfig], float] | None = None,
+              learning_rates: Sequence[float] | None = None, seeds: int = 1, seeded: int | None = None,
               progress: bool = True, notes: dict | None = None) -> SweepResult:
-    """Train every variant with `gdn_lab.train.train` on `data` under `train_config`, each in
-    `sweep_dir/<name>`, and return their rows; finished variants are read back, not retrained.
+    """Train every variant with `gdn_lab.train.train` on `data` under `train_config` (the protocol
+    in the module docstring), each run in `sweep_dir/<name>/lr<lr>_seed<seed>`, and return the runs;
+    finished runs are read back, not retrained.
 
-    lr_by_variant: None (`seed_learning_rate`), a function of the ModelConfig, or {name: lr}.
-    Every variant is seeded with `train_config.seed` before its model is built. Names, learning
-    rates and existing run directories are all checked before the first variant trains.
-    notes: facts recorded in `setup` (the corpus name, say). progress: train's progress bar and
-    one line per variant. A KeyboardInterrupt saves the variant in training (see `train`) and
-    propagates; call again to resume.
+    learning_rates: the grid every variant trains at (first seed), its best rate kept; None: one rate
+    per variant from `lr_by_variant` (None: `seed_learning_rate`; a function of the ModelConfig, or
+    {name: lr}). seeds: how many seeds (train_config.seed and the next ones); seeded: how many of
+    the best variants get the extra seeds at their chosen rate (None: all).
+    Every run is seeded with its seed before its model is built. Names, learning rates and existing
+    run directories are all checked before the first run trains (those of the extra seeds before
+    the first extra seed). notes: facts recorded in `setup` (the corpus name, say). progress:
+    train's progress bar and one line per run. A KeyboardInterrupt saves the run in training (see
+    `train`) and propagates; call again to resume.
     """
     sweep_dir = pathlib.Path(sweep_dir)
     bad = [name for name in variants if not _NAME.fullmatch(name)]
     if bad:
         raise ConfigError(f"variant names {bad} cannot be folder names; use letters, digits, '.', '_' and '-'")
-    rates = _learning_rates(variants, lr_by_variant)
-    configs = {name: train_config.replace(lr=rates[name]) for name in variants}
-    for name, config in variants.items():
-        _check_same_run(sweep_dir / name, config, configs[name], data)
+    if learning_rates is not None and lr_by_variant is not None:
+        raise ConfigError("pass learning_rates (a grid for every variant) or lr_by_variant (one rate each), not both")
+    if seeds < 1:
+        raise ConfigError(f"seeds={seeds}; use 1 or more (the first is train_config.seed)")
+    if learning_rates is not None and not learning_rates:
+        raise ConfigError("learning_rates is empty; give one rate or more, or None for lr_by_variant")
+    rates = ({name: [float(r) for r in learning_rates] for name in variants} if learning_rates is not None
+             else {name: [lr] for name, lr in _learning_rates(variants, lr_by_variant).items()})
     setup = {"train": train_config.to_dict(), "data": data.describe() if hasattr(data, "describe") else None,
+             "protocol": {"learning_rates": None if learning_rates is None else [float(r) for r in learning_rates],
+                          "seeds": seeds, "seeded": seeded},
              **(notes or {})}
+    first = [(name, lr, train_config.seed) for name in variants for lr in rates[name]]
+    runs: list[VariantResult] = []
+    _run_all(first, variants, train_config, data, sweep_dir, setup, runs, progress)
 
-    rows: list[VariantResult] = []
-    for i, (name, config) in enumerate(variants.items(), start=1):
-        run_dir = sweep_dir / name
-        row = _read_finished(name, config, rates[name], run_dir)
+    if seeds > 1:
+        result = SweepResult(runs, setup, str(sweep_dir))
+        chosen = result.ranking()[:seeded] if seeded is not None else result.ranking()
+        extra = [(name, result.chosen_lr(name), train_config.seed + offset)
+                 for name in variants if name in chosen for offset in range(1, seeds)]
+        _run_all(extra, variants, train_config, data, sweep_dir, setup, runs, progress)
+    return SweepResult(runs, setup, str(sweep_dir))
+
+
+def run_folder(sweep_dir: str | os.PathLike, name: str, lr: float, seed: int) -> pathlib.Path:
+    """The run directory of variant `name` at `lr` and `seed`: sweep_dir/<name>/lr<lr:g>_seed<seed>."""
+    return pathlib.Path(sweep_dir, name, f"lr{lr:g}_seed{seed}")
+
+
+def seeded_data(data, offset: int):
+    """`data` with its shuffle seed moved by `offset` (the run's seed minus the sweep's first seed):
+    `data` itself at 0 or when it has no `seed`; `data.replace(seed=...)` where it has one; else a
+    shallow copy with the new seed (`LMData`: the same tokens, another order of training windows)."""
+    if offset == 0 or getattr(data, "seed", None) is None:
+        return data
+    if hasattr(data, "replace"):
+        return data.replace(seed=data.seed + offset)
+    moved = copy.copy(data)
+    moved.seed = data.seed + offset
+    return moved
+
+
+def _run_all(todo: Sequence[tuple[str, float, int]], variants: Mapping[str, ModelConfig], train_config: TrainConfig,
+             data, sweep_dir: pathlib.Path, setup: dict, runs: list[VariantResult], progress: bool) -> None:
+    """Train (or read back) every (name, lr, seed) of `todo` into `runs`, rewriting sweep.json after each."""
+    plans = [(name, lr, seed, train_config.replace(lr=lr, seed=seed), seeded_data(data, seed - train_config.seed),
+              run_folder(sweep_dir, name, lr, seed)) for name, lr, seed in todo]
+    for name, _, _, config, run_data, folder in plans:
+        _check_same_run(folder, variants[name], config, run_data)
+    for i, (name, lr, seed, config, run_data, folder) in enumerate(plans, start=1):
+        row = _read_finished(name, variants[name], lr, seed, folder)
         if row is None:
-            row = _train_variant(name, config, configs[name], data, run_dir, progress)
-        rows.append(row)
-        result = SweepResult(rows, setup, str(sweep_dir))
-        result.to_json(sweep_dir / SWEEP_FILE)
+            row = _train_variant(name, variants[name], config, run_data, folder, progress)
+        runs.append(row)
+        SweepResult(runs, setup, str(sweep_dir)).to_json(sweep_dir / SWEEP_FILE)
         if progress:
             loss = "diverged" if row.status != "ok" else f"val loss {row.final_val_loss:.4f}"
-            print(f"[{i}/{len(variants)}] {name} {row.layout} ({row.attention_ratio:.0%} attention, lr {row.lr:.1e}): "
-                  f"{'read back' if row.reused else 'trained'}, {loss}", flush=True)
-    return SweepResult(rows, setup, str(sweep_dir))
+            print(f"[{i}/{len(plans)}] {name} {row.layout} ({row.attention_ratio:.0%} attention, lr {lr:.1e}, "
+                  f"seed {seed}): {'read back' if row.reused else 'trained'}, {loss}", flush=True)
 
 
 def _learning_rates(variants: Mapping[str, ModelConfig], rule) -> dict[str, float]:
@@ -274,14 +434,14 @@ def _check_same_run(run_dir: pathlib.Path, config: ModelConfig, train_config: Tr
                                   f"{values.get(key)!r}; pass another sweep_dir or delete {run_dir}")
 
 
-def _row(name: str, config: ModelConfig, lr: float, run_dir: pathlib.Path, note: dict, reused: bool,
+def _row(name: str, config: ModelConfig, lr: float, seed: int, run_dir: pathlib.Path, note: dict, reused: bool,
          metrics: dict | None = None, history: Sequence[dict] = ()) -> VariantResult:
     metrics = metrics or {}
     curve = [{key: record[key] for key in ("step", "tokens", "train_loss", "val_loss")}
              for record in history if "val_loss" in record]
     return VariantResult(
         name=name, attn_layers=config.attn_layers, layout=layout(config), attention_ratio=config.attention_ratio,
-        lr=lr, params=count_params(config), status=note.get("status", "ok"),
+        lr=lr, params=count_params(config), status=note.get("status", "ok"), seed=seed,
         final_val_loss=metrics.get("final_val_loss"), best_val_loss=metrics.get("best_val_loss"),
         tokens=metrics.get("tokens"), tokens_per_second=metrics.get("tokens_per_second"),
         train_seconds=metrics.get("train_seconds"), wall_seconds=note.get("wall_seconds"),
@@ -289,15 +449,16 @@ def _row(name: str, config: ModelConfig, lr: float, run_dir: pathlib.Path, note:
         curve=curve)
 
 
-def _read_finished(name: str, config: ModelConfig, lr: float, run_dir: pathlib.Path) -> VariantResult | None:
+def _read_finished(name: str, config: ModelConfig, lr: float, seed: int,
+                   run_dir: pathlib.Path) -> VariantResult | None:
     """The row of a run that finished (metrics.json) or diverged (variant.json says so), else None."""
     note = load_json(run_dir / VARIANT_FILE) if (run_dir / VARIANT_FILE).exists() else {}
     if note.get("status") == "diverged":
-        return _row(name, config, lr, run_dir, note, reused=True)
+        return _row(name, config, lr, seed, run_dir, note, reused=True)
     if not (run_dir / "metrics.json").exists():
         return None
     history = load_json(run_dir / "training_results.json")["results"]["history"]
-    return _row(name, config, lr, run_dir, note, reused=True, metrics=load_json(run_dir / "metrics.json"),
+    return _row(name, config, lr, seed, run_dir, note, reused=True, metrics=load_json(run_dir / "metrics.json"),
                 history=history)
 
 
@@ -315,11 +476,11 @@ def _train_variant(name: str, config: ModelConfig, train_config: TrainConfig, da
     except TrainingDiverged as err:
         note = {"status": "diverged", "error": str(err)}
         write_json(run_dir / VARIANT_FILE, note)
-        return _row(name, config, train_config.lr, run_dir, note, reused=False)
+        return _row(name, config, train_config.lr, train_config.seed, run_dir, note, reused=False)
     note = {"status": "ok", "wall_seconds": time.perf_counter() - started,
             "peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
     write_json(run_dir / VARIANT_FILE, note)
-    return _row(name, config, train_config.lr, run_dir, note, reused=False, metrics=result.metrics,
+    return _row(name, config, train_config.lr, train_config.seed, run_dir, note, reused=False, metrics=result.metrics,
                 history=result.history)
 
 
@@ -329,9 +490,11 @@ def _train_variant(name: str, config: ModelConfig, train_config: TrainConfig, da
 @dataclass
 class BudgetPlan:
     """`train_config` with steps (and warmup, eval and save intervals, in proportion) scaled so the
-    sweep fits the budget. Per variant the estimate is steps x `step_seconds[name]` +
+    sweep fits the budget. Per run the estimate is steps x `step_seconds[name]` +
     (evaluations + 1) x `run_overhead_seconds[name]`, measured on a pure GDN and a pure transformer
-    model and interpolated by attention share."""
+    model and interpolated by attention share; variant `name` counts `runs[name]` runs (its rates,
+    plus the extra seeds where it is among the `seeded` most expensive variants: which variants
+    will be best is not known before they train)."""
 
     train_config: TrainConfig
     requested_steps: int
@@ -340,6 +503,7 @@ class BudgetPlan:
     estimated_seconds: float
     step_seconds: dict[str, float]
     run_overhead_seconds: dict[str, float]
+    runs: dict[str, int] = field(default_factory=dict)
 
 
 def steps_within(seconds: float, step_seconds: Sequence[float], run_overhead_seconds: Sequence[float],
@@ -356,7 +520,7 @@ def _calibrate(config: ModelConfig, train_config: TrainConfig, data, timed_steps
     def run(steps: int, folder: str) -> tuple[dict, float]:
         torch.manual_seed(train_config.seed)
         model = build_model(config)
-        probe = train_config.replace(steps=steps, warmup_steps=0, eval_every=0, save_every=0)
+        probe = train_config.replace(steps=steps, warmup_steps=0, eval_every=0, save_every=0, stop_at_val_acc=None)
         started = time.perf_counter()
         metrics = train(model, probe, data, pathlib.Path(tmp, folder), progress=False).metrics
         return metrics, time.perf_counter() - started
@@ -373,10 +537,13 @@ def _scaled(value: int, factor: float, floor: int) -> int:
 
 def budget_train_config(variants: Mapping[str, ModelConfig], train_config: TrainConfig, data, max_seconds: float,
                         sweep_dir: str | os.PathLike | None = None, min_steps: int = 20, timed_steps: int = 10,
-                        spent_seconds: float = 0.0) -> BudgetPlan:
+                        spent_seconds: float = 0.0, learning_rates: Sequence[float] | None = None, seeds: int = 1,
+                        seeded: int | None = None) -> BudgetPlan:
     """`train_config` with fewer steps (never more) so that the whole sweep, this calibration
     included, takes about `max_seconds` less `spent_seconds` (time a caller already used, such as
-    loading the data); every variant keeps the same token budget.
+    loading the data); every run keeps the same token budget. `learning_rates`, `seeds` and
+    `seeded` are those the sweep will get (`run_sweep`): every rate of the grid is a run, and the
+    extra seeds are counted for the `seeded` variants that cost most per step.
 
     The calibration trains a pure GDN and a pure transformer twin of the first variant for 2 +
     `timed_steps` steps each (the attention-free one alone when no variant has attention).
@@ -385,7 +552,8 @@ def budget_train_config(variants: Mapping[str, ModelConfig], train_config: Train
     when fewer than `min_steps` steps fit.
     """
     request = {"train": _plain(train_config), "max_seconds": max_seconds, "variants": sorted(variants),
-               "min_steps": min_steps}
+               "min_steps": min_steps, "learning_rates": None if learning_rates is None else list(learning_rates),
+               "seeds": seeds, "seeded": seeded}
     plan_path = pathlib.Path(sweep_dir, BUDGET_FILE) if sweep_dir is not None else None
     if plan_path is not None and plan_path.exists():
         saved = load_json(plan_path)
@@ -404,21 +572,25 @@ def budget_train_config(variants: Mapping[str, ModelConfig], train_config: Train
     step_seconds = {name: gdn_step + c.attention_ratio * (attn_step - gdn_step) for name, c in variants.items()}
     overhead = {name: gdn_overhead + c.attention_ratio * (attn_overhead - gdn_overhead) for name, c in variants.items()}
 
+    costly = sorted(variants, key=step_seconds.__getitem__, reverse=True)[:seeded]
+    runs = {name: (len(learning_rates) if learning_rates else 1) + (seeds - 1) * (name in costly) for name in variants}
+    every_step = [step_seconds[name] for name in variants for _ in range(runs[name])]
+    every_overhead = [overhead[name] for name in variants for _ in range(runs[name])]
     evaluations = train_config.steps // train_config.eval_every if train_config.eval_every else 0
     remaining = max_seconds - spent_seconds - calibration_seconds
-    steps = min(train_config.steps, steps_within(remaining, list(step_seconds.values()), list(overhead.values()),
-                                                 evaluations))
+    steps = min(train_config.steps, steps_within(remaining, every_step, every_overhead, evaluations))
     if steps < min_steps:
-        needed = min_steps * sum(step_seconds.values()) + (evaluations + 1) * sum(overhead.values())
+        needed = min_steps * sum(every_step) + (evaluations + 1) * sum(every_overhead)
         raise ConfigError(f"max_seconds={max_seconds:g} leaves {remaining:.0f} s after {spent_seconds:.0f} s spent "
-                          f"and a {calibration_seconds:.0f} s calibration, but {min_steps} steps of {len(variants)} "
-                          f"variants need ~{needed:.0f} s: raise max_seconds, or train fewer or smaller variants")
+                          f"and a {calibration_seconds:.0f} s calibration, but {min_steps} steps of {len(every_step)} "
+                          f"runs need ~{needed:.0f} s: raise max_seconds, or train fewer rates, seeds or variants")
     factor = steps / train_config.steps
     planned = train_config.replace(
         steps=steps, warmup_steps=min(steps - 1, _scaled(train_config.warmup_steps, factor, 1)),
         eval_every=_scaled(train_config.eval_every, factor, 1), save_every=_scaled(train_config.save_every, factor, 1))
-    estimated = sum(steps * step_seconds[n] + (evaluations + 1) * overhead[n] for n in variants)
-    plan = BudgetPlan(planned, train_config.steps, max_seconds, calibration_seconds, estimated, step_seconds, overhead)
+    estimated = sum(runs[n] * (steps * step_seconds[n] + (evaluations + 1) * overhead[n]) for n in variants)
+    plan = BudgetPlan(planned, train_config.steps, max_seconds, calibration_seconds, estimated, step_seconds, overhead,
+                      runs)
     if plan_path is not None:
         write_json(plan_path, {"request": request, "plan": plan})
     return plan
@@ -430,50 +602,83 @@ def budget_train_config(variants: Mapping[str, ModelConfig], train_config: Train
 def compare_with_seed(result: SweepResult, seed_val_loss: Mapping[str, float] = SEED_EXP10["val_loss"]) -> dict:
     """The run's order of the seed's variants (by name: 'sparse', 'gdn', 'transformer') next to the seed's.
 
-    Returns {"seed_order", "run_order"} (best first, over the variants both have and that
-    finished), "pairs": for each pair in the seed's order {"better", "worse", "seed_gap",
-    "run_gap", "agrees"} (gaps: loss of the worse minus loss of the better; `agrees` when the run
-    ranks them the same way), "agreeing_pairs", "same_order" and "missing" (seed variants the run
-    lacks or that diverged). Loss values are not comparable across data and tokenizers; orders are.
+    Returns {"seed_order", "run_order"} (best first, by mean loss over seeds, over the variants both
+    have and that finished), "pairs": for each pair in the seed's order {"better", "worse",
+    "seed_gap", "run_gap", "agrees", "tie", "verdict"} (gaps: loss of the worse minus loss of the
+    better, the run's from means; `agrees` when the run's means order them the same way; `tie`
+    when `SweepResult.compare` calls the gap a tie; verdict 'agrees', 'tie' or 'disagrees'),
+    "agreeing_pairs" (agree and no tie), "tied_pairs", "same_order" and "missing" (seed variants the
+    run lacks or whose runs all diverged). Loss values are not comparable across data and
+    tokenizers; orders are.
     """
-    finished = {v.name: v.final_val_loss for v in result.variants if v.status == "ok"}
+    summaries = result.summaries()
+    finished = {name: s["mean"] for name, s in summaries.items() if s["mean"] is not None}
     common = [name for name in seed_val_loss if name in finished]
     seed_order = sorted(common, key=seed_val_loss.__getitem__)
     run_order = sorted(common, key=finished.__getitem__)
-    pairs = [{"better": a, "worse": b, "seed_gap": seed_val_loss[b] - seed_val_loss[a],
-              "run_gap": finished[b] - finished[a], "agrees": finished[a] < finished[b]}
-             for a, b in itertools.combinations(seed_order, 2)]
+    pairs = []
+    for a, b in itertools.combinations(seed_order, 2):
+        agrees, tie = finished[a] < finished[b], result.compare(a, b) == "tie"
+        pairs.append({"better": a, "worse": b, "seed_gap": seed_val_loss[b] - seed_val_loss[a],
+                      "run_gap": finished[b] - finished[a], "agrees": agrees, "tie": tie,
+                      "verdict": "tie" if tie else "agrees" if agrees else "disagrees"})
     return {"seed_order": seed_order, "run_order": run_order, "pairs": pairs,
-            "agreeing_pairs": sum(p["agrees"] for p in pairs), "same_order": seed_order == run_order,
+            "agreeing_pairs": sum(p["verdict"] == "agrees" for p in pairs),
+            "tied_pairs": sum(p["tie"] for p in pairs), "same_order": seed_order == run_order,
             "missing": [name for name in seed_val_loss if name not in finished]}
 
 
-def sweep_figures(result: SweepResult) -> dict:
+def sweep_figures(result: SweepResult, window: float = 0.3) -> dict:
     """Plotly figures of a sweep (variants that finished): {"val_loss": validation loss against
-    training tokens, one line per variant; "placement": final loss against attention share beside
-    the layer layout of every variant, best first; "throughput": training tokens/s and peak GPU
-    memory (training seconds on the CPU) per variant}."""
+    training tokens, one line per variant (mean over its seeds at the chosen rate; the last
+    `window` of training shaded, where `rank_stability` looks); "lr_grid": final validation loss
+    against learning rate at the first seed, one line per variant; "placement": mean final loss
+    (bars: worst to best seed) against attention share beside the layer layout of every variant,
+    best first; "throughput": training tokens/s and peak GPU memory (training seconds on the CPU)
+    per variant, of its representative run}."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     from .viz import line_plot
 
-    ranked = [result[name] for name in result.ranking()]
-    curves = line_plot({v.name: ([r["tokens"] for r in v.curve], [r["val_loss"] for r in v.curve]) for v in ranked},
-                       "training tokens", "validation loss", title="Validation loss at equal tokens")
+    summaries = result.summaries()
+    names = result.ranking()
+    ranked = [result[name] for name in names]
+    means = [summaries[name]["mean"] for name in names]
+    curves = line_plot({name: ([r["tokens"] for r in result.mean_curve(name)],
+                               [r["val_loss"] for r in result.mean_curve(name)]) for name in names},
+                       "training tokens", "validation loss",
+                       title="Validation loss at equal tokens (mean over seeds, each variant at its best rate)")
+    last = max((r["tokens"] for name in names for r in result.mean_curve(name)), default=0)
+    if last:
+        curves.add_vrect(x0=(1 - window) * last, x1=last, fillcolor="grey", opacity=0.12, line_width=0,
+                         annotation_text=f"last {window:.0%}", annotation_position="top left")
+
+    first_seed = min((run.seed for run in result.runs), default=0)
+    grid_lines = {}
+    for name in names:
+        points = sorted((run.lr, run.final_val_loss) for run in result.runs_of(name)
+                        if run.seed == first_seed and run.status == "ok")
+        grid_lines[name] = ([lr for lr, _ in points], [loss for _, loss in points])
+    lr_grid = line_plot(grid_lines, "peak learning rate", "final validation loss", log_x=True,
+                        title="Learning-rate grid (first seed; a missing point diverged)")
 
     placement = make_subplots(rows=1, cols=2, column_widths=[0.5, 0.5], horizontal_spacing=0.15,
                               subplot_titles=("final validation loss vs attention share",
                                               "layer layout, best first (dark: attention)"))
     placement.add_trace(go.Scatter(
-        x=[100 * v.attention_ratio for v in ranked], y=[v.final_val_loss for v in ranked], mode="markers+text",
-        text=[v.name for v in ranked], textposition="top center", customdata=[v.layout for v in ranked],
+        x=[100 * v.attention_ratio for v in ranked], y=means, mode="markers+text",
+        error_y={"type": "data", "symmetric": False,
+                 "array": [summaries[n]["max"] - summaries[n]["mean"] for n in names],
+                 "arrayminus": [summaries[n]["mean"] - summaries[n]["min"] for n in names]},
+        text=names, textposition="top center", customdata=[f"{v.layout}, {summaries[v.name]['n']} seed(s)"
+                                                           for v in ranked],
         hovertemplate="%{text} %{customdata}<br>%{x:.0f}% attention<br>val loss %{y:.4f}<extra></extra>",
         showlegend=False), row=1, col=1)
     depth = max((len(v.layout) for v in ranked), default=0)
     placement.add_trace(go.Heatmap(
         z=[[1.0 if c == "A" else 0.0 for c in v.layout] + [None] * (depth - len(v.layout)) for v in ranked],
-        x=list(range(depth)), y=[f"{v.name} ({v.final_val_loss:.3f})" for v in ranked],
+        x=list(range(depth)), y=[f"{v.name} ({mean:.3f})" for v, mean in zip(ranked, means)],
         colorscale=[[0.0, "#dbe7f3"], [1.0, "#1f3b73"]], zmin=0, zmax=1, showscale=False, xgap=2, ygap=2,
         hovertemplate="%{y}<br>layer %{x}<extra></extra>"), row=1, col=2)
     placement.update_xaxes(title_text="attention layers (%)", row=1, col=1)
@@ -485,8 +690,7 @@ def sweep_figures(result: SweepResult) -> dict:
     on_gpu = any(v.peak_memory_mib is not None for v in ranked)
     second = ("peak GPU memory (MiB)", "peak_memory_mib") if on_gpu else ("training seconds", "train_seconds")
     throughput = make_subplots(rows=1, cols=2, subplot_titles=("training tokens/s", second[0]))
-    names = [v.name for v in ranked]
     throughput.add_trace(go.Bar(x=names, y=[v.tokens_per_second for v in ranked], showlegend=False), row=1, col=1)
     throughput.add_trace(go.Bar(x=names, y=[getattr(v, second[1]) for v in ranked], showlegend=False), row=1, col=2)
     throughput.update_layout(title="Throughput and memory per variant (best loss first)")
-    return {"val_loss": curves, "placement": placement, "throughput": throughput}
+    return {"val_loss": curves, "lr_grid": lr_grid, "placement": placement, "throughput": throughput}

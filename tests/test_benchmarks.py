@@ -51,3 +51,39 @@ def test_smoke_run_times_each_cell_in_every_round(throughput, tmp_path):
         records[0]["tokens_per_s"] / records[1]["tokens_per_s"])
     assert results["ratios"]["gdn_v64_over_transformer"]["32"] == pytest.approx(
         records[2]["tokens_per_s"] / records[1]["tokens_per_s"])
+
+
+@pytest.fixture(scope="module")
+def hybrids():
+    return load_benchmark("hybrids")
+
+
+def test_hybrids_defaults_are_the_notebooks(hybrids):
+    """benchmarks/hybrids.py runs notebook 04's protocol: the same defaults, or the two would disagree."""
+    import ast
+
+    import papermill
+    from conftest import NOTEBOOKS_DIR
+
+    params = {name: ast.literal_eval(p["default"])
+              for name, p in papermill.inspect_notebook(str(NOTEBOOKS_DIR / "04_hybrids.ipynb")).items()
+              if name not in ("run_dir", "device", "interactive", "results_json")}
+    args = vars(hybrids.parse_args([]))
+    renamed = {"tokenizer_name": "tokenizer"}
+    shared = {name: value for name, value in params.items() if renamed.get(name, name) in args}
+    assert {name: args[renamed.get(name, name)] for name in shared} == shared
+    assert {"patterns", "hidden_size", "steps", "batch_size", "learning_rates", "seeds", "seeded"} <= set(shared)
+
+
+def test_hybrids_smoke_trains_the_grid_and_seeds(hybrids, tmp_path):
+    results = hybrids.main(["--smoke", "--device", "cpu", "--sweep-dir", str(tmp_path / "runs"),
+                            "--out", str(tmp_path / "h.json")])
+    smoke = hybrids.SMOKE
+    runs = results["runs"]
+    assert len(runs) == 2 * len(smoke["learning_rates"]) + smoke["seeded"] * (smoke["seeds"] - 1)
+    best = results["ranking"][0] if results["summary"][results["ranking"][0]]["n"] > 1 else results["ranking"][1]
+    assert sorted(r["seed"] for r in runs if r["name"] == best) == [0, 0, 1]
+    assert results["stability"]["steps"] == [5, 6]
+    saved = json.loads((tmp_path / "h.json").read_text())
+    assert saved["results"]["comparison"]["seed_order"] == ["gdn", "transformer"]
+    assert saved["config"]["learning_rates"] == smoke["learning_rates"]

@@ -12,6 +12,8 @@ import pytest
 import yaml
 from conftest import NOTEBOOKS_DIR
 
+from gdn_lab.data import ByteTokenizer
+from gdn_lab.longctx import shortest_prompt
 from gdn_lab.runner import NOTEBOOK_GLOB, run_notebooks
 from gdn_lab.sweep import variant_name
 
@@ -61,16 +63,16 @@ def check_02_toy_tasks(m: dict) -> None:
         assert 0 <= m["copy_exact_match"][name] <= 1
         assert m["copy_longest"][name] in [0, *smoke["copy_eval_lengths"]]
     assert set(m["mqar_solved_everywhere"]) <= set(names)
-    assert m["learning_rates"] == smoke["learning_rates"] and m["seeds"] == smoke["seeds"]
+    assert m["learning_rates"] == smoke["learning_rates"] and m["seeds"] == list(range(smoke["num_seeds"]))
     dims = {str(2 * k) for k in smoke["state_head_dims"]}  # num_heads (2, the default) x head_dim
     assert set(m["state_accuracy"]) == set(m["state_non_decreasing"]) == {"GDN", "GDN slow decay"}
     assert all(set(by_size) == dims for by_size in m["state_accuracy"].values())
     vocab = smoke["mqar_vocab_size"]
     assert math.isclose(m["mqar_chance"], 1 / (vocab - vocab // 2))
     assert math.isclose(m["copy_chance"], 1 / (smoke["copy_vocab_size"] - 2))
-    rates, seeds = len(smoke["learning_rates"]), len(smoke["seeds"])
+    rates, seeds = len(smoke["learning_rates"]), smoke["num_seeds"]
     trials = (len(names) * len(smoke["mqar_lengths"]) * rates * seeds
-              + 2 * len(smoke["state_head_dims"]) * rates * len(smoke["state_seeds"]) + len(names) * rates * seeds)
+              + 2 * len(smoke["state_head_dims"]) * rates * smoke["state_num_seeds"] + len(names) * rates * seeds)
     assert m["trials"] == trials and m["diverged"] == 0
     assert m["stopped_early"] <= trials and m["train_seconds"] > 0
 
@@ -92,28 +94,80 @@ def check_03_lm_training(m: dict) -> None:
 
 def check_04_hybrids(m: dict) -> None:
     smoke = SMOKE["04_hybrids"]
-    assert m["source"] == "trained" and m["variants"] == [variant_name(p) for p in smoke["patterns"]]
+    names = [variant_name(p) for p in smoke["patterns"]]
+    assert m["source"] == "trained" and m["variants"] == names
     assert set(m["status"].values()) == {"ok"}
     assert set(m["tokens"].values()) == {smoke["steps"] * smoke["batch_size"] * smoke["seq_len"]}
+    # the grid: every variant at every rate, each keeping the rate of its lowest loss
+    rates = smoke["learning_rates"]
+    assert m["learning_rates"] == rates
+    for name in names:
+        scores = m["lr_scores"][name]
+        assert set(scores) == {f"{r:g}" for r in rates} and all(math.isfinite(v) for v in scores.values())
+        assert f"{m['chosen_lr'][name]:g}" == min(scores, key=scores.get)
+    # seeds: the best `seeded` variants (by their grid loss) get `seeds` seeds, the others one
+    grid_best = sorted(names, key=lambda n: min(m["lr_scores"][n].values()))
+    assert m["seeds"] == {n: list(range(smoke["seeds"])) if n in grid_best[:smoke["seeded"]] else [0] for n in names}
+    assert m["runs"] == len(names) * len(rates) + smoke["seeded"] * (smoke["seeds"] - 1)
     losses = m["final_val_loss"]
     assert all(math.isfinite(x) and x < math.log(256) - 0.05 for x in losses.values()), losses
+    for name in names:  # a one-seed variant's mean is its grid loss at the chosen rate
+        if len(m["seeds"][name]) == 1:
+            assert losses[name] == min(m["lr_scores"][name].values()) and m["val_loss_range"][name] == 0
+    seeded = [n for n in names if len(m["seeds"][n]) > 1]
+    assert m["seed_noise"] == max(m["val_loss_range"][n] for n in seeded) > 0
     assert m["ranking"] == sorted(losses, key=losses.get)
+    # ranking stability over the last 30%: steps 5 and 6 of 6, one order per evaluation
+    assert m["stability_steps"] == [5, 6] and len(m["stability_orders"]) == 2
+    assert m["rank_stable"] == (m["stability_orders"][0] == m["stability_orders"][1])
+    assert m["stability_orders"][-1] == m["ranking"]
     assert m["attn_layers"] == {"gdn": [], "transformer": list(range(smoke["num_layers"]))}
     assert m["seed_order"] == ["gdn", "transformer"] and m["seed_pairs"] == 1
-    assert m["seed_pairs_agreeing"] == int(m["run_order_of_seed_variants"] == m["seed_order"])
+    assert m["seed_pairs_agreeing"] + m["seed_pairs_tied"] <= 1
+    gap = abs(losses["gdn"] - losses["transformer"])
+    assert m["seed_pairs_tied"] == int(gap <= m["seed_noise"])  # both ranges are at most the noise here
+    agrees = m["run_order_of_seed_variants"] == m["seed_order"]
+    assert m["seed_pairs_agreeing"] == int(agrees and not m["seed_pairs_tied"])
+    assert m["budget_steps"] is None
 
 
 def check_05_long_context(m: dict) -> None:
     smoke = SMOKE["05_long_context"]
-    for pattern in ("gdn", "transformer"):
-        for haystack, acc in m["passkey_mean_accuracy"][pattern].items():
-            assert 0.0 <= acc <= 1.0, (pattern, haystack, acc)
-            records = m["passkey"][pattern][haystack]
-            assert len(records) == len(smoke["eval_lengths"]) * len(smoke["depths"])
-        buckets = m["loss_by_position"][pattern]
+    models, haystacks = ["GDN", "GDN slow decay", "DeltaNet", "Transformer"], ["noise", "text"]
+    assert m["models"] == models and m["haystacks"] == haystacks
+    train_len, depths = smoke["train_len"], smoke["depths"]
+    shortest = shortest_prompt(ByteTokenizer())  # prompt lengths: from half the row (or the shortest) to the row
+    assert m["train_context_len"] == [max(shortest, train_len // 2), train_len - 4]
+    assert m["eval_lengths"] == [train_len - 4] + [f * train_len for f in smoke["extrapolation"]]
+    runs_per_point = len(smoke["learning_rates"]) * len(smoke["seeds"])
+    assert m["trials"] == len(models) * len(haystacks) * runs_per_point
+    assert m["trial_status"] == {"ok": m["trials"], "diverged": 0}
+    assert m["learned_threshold"] == 0.0 and m["not_learned"] == {h: [] for h in haystacks}  # smoke: all "learned"
+    for name in models:
+        for haystack in haystacks:
+            p = m["passkey"][name][haystack]
+            assert p["exact_match"]["n"] == len(smoke["seeds"]) and p["seeds"] == smoke["seeds"]
+            assert all(0.0 <= v <= 1.0 for v in p["exact_match"]["values"] + p["digit_accuracy"]["values"])
+            assert p["exact_match"]["min"] <= p["exact_match"]["mean"] <= p["exact_match"]["max"]
+            assert set(p["chosen_lr"]) <= set(smoke["learning_rates"])
+            assert [sorted(s) for s in p["lr_scores"]] == [sorted(f"{r:g}" for r in smoke["learning_rates"])] * len(
+                smoke["seeds"])
+            assert all(1 <= steps <= smoke["steps"] for steps in p["steps"])
+            assert p["learned_runs"] == len(smoke["seeds"])
+            assert list(p["extrapolation"]) == [str(n) for n in m["eval_lengths"]]
+            assert all(0.0 <= a <= 1.0 for a in p["extrapolation"].values())
+            cells = p["cells"]
+            assert sorted((c["context_len"], c["depth"]) for c in cells) == sorted(
+                (n, d) for n in m["eval_lengths"] for d in depths)
+            assert all(c["num_samples"] == smoke["num_samples"] and c["haystack"] == haystack for c in cells)
+    assert m["paper_s_niah_1"] == {"1024": 98.4, "2048": 88.4, "4096": 91.4, "8192": 91.8}
+    assert 0 < m["lm_epochs"] < 1  # the language model sees less than one pass over its corpus
+    for name in ("GDN", "Transformer"):
+        buckets = m["loss_by_position"][name]
         assert buckets and all(math.isfinite(b["loss"]) for b in buckets)
+        assert math.isfinite(m["lm_val_loss"][name])
     state = m["state_norm"]
-    assert state["context_len"] == smoke["state_norm_len"]
+    assert state["context_len"] == smoke["state_norm_len"] and state["model"] in ("GDN", "GDN slow decay", "DeltaNet")
     assert math.isfinite(state["final_max"]) and state["final_max"] > 0
     scan = m["scan"]
     assert {r["model"] for r in scan} == {"gdn", "transformer", "hybrid"}
@@ -122,7 +176,7 @@ def check_05_long_context(m: dict) -> None:
     # peak memory is measured on GPUs only: its figure exists where the scan has the numbers
     memory = ["scan_train_peak_mib"] if any(r.get("train_peak_mib") is not None for r in scan) else []
     assert m["figures"] == sorted(["loss_by_position", "scan_train_ms", "state_norm", *memory,
-                                   *(f"passkey_{haystack}" for haystack in smoke.get("haystacks", ["noise", "text"]))])
+                                   *(f"passkey_{haystack}" for haystack in haystacks)])
 
 
 def check_06_benchmarks(m: dict) -> None:
@@ -177,6 +231,11 @@ def test_04_hybrids_shows_the_committed_gpu_sweep(tmp_path):
     assert m["final_val_loss"] == losses
     assert m["ranking"] == sorted(losses, key=losses.get) == saved["ranking"]
     assert m["seed_pairs"] == 3 and m["seed_pairs_agreeing"] == saved["comparison"]["agreeing_pairs"]
+    # saved before the grid: one seed, the rule's rate, so no seed range and no tie
+    assert m["runs"] == len(losses) and set(map(len, m["seeds"].values())) == {1}
+    assert m["chosen_lr"] == {v["name"]: v["lr"] for v in saved["variants"]}
+    assert m["seed_noise"] is None and m["seed_pairs_tied"] == 0 and m["ties_with_best"] == []
+    assert m["stability_steps"] == [150, 175, 200, 203]  # the last 30% of 203 steps
 
 
 def test_05_default_scan_results_is_committed():

@@ -1,4 +1,6 @@
-"""gdn_lab.sweep on the CPU: rows per variant, finished runs read back, interrupted ones resumed, the seed's rules."""
+"""gdn_lab.sweep on the CPU: runs per (variant, lr, seed), finished runs read back, interrupted ones resumed,
+the learning-rate grid and seeds, ties, ranking stability, the seed's rules."""
+import dataclasses
 import json
 import math
 
@@ -16,6 +18,8 @@ from gdn_lab.sweep import (
     budget_train_config,
     compare_with_seed,
     hybrid_variants,
+    rank_stability,
+    run_folder,
     run_sweep,
     seed_learning_rate,
     steps_within,
@@ -66,7 +70,8 @@ def test_two_variants_give_one_row_each(reference, variants):
     result, sweep_dir = reference
     assert result.names == ["gdn", "late"]
     tokens = CONFIG.steps * CONFIG.batch_size * CONFIG.seq_len
-    for row in result.variants:
+    assert [(row.name, row.seed) for row in result.runs] == [("gdn", 0), ("late", 0)]
+    for row in result.runs:
         assert row.status == "ok" and not row.reused
         assert math.isfinite(row.final_val_loss) and row.best_val_loss <= row.final_val_loss
         # an untrained byte model scores ln 256 = 5.55; six steps must already have moved it down
@@ -76,7 +81,8 @@ def test_two_variants_give_one_row_each(reference, variants):
         assert row.params == build_model(variants[row.name]).num_params()
         assert [r["step"] for r in row.curve] == [3, 6]
         assert row.curve[-1]["val_loss"] == row.final_val_loss
-        assert (sweep_dir / row.name / "metrics.json").exists()
+        assert (run_folder(sweep_dir, row.name, row.lr, 0) / "metrics.json").exists()
+        assert run_folder(sweep_dir, row.name, row.lr, 0).name == f"lr{row.lr:g}_seed0"
     assert result["gdn"].layout == "GG" and result["late"].layout == "GA"
     assert result["gdn"].attention_ratio == 0 and result["late"].attention_ratio == 0.5
     assert (result["gdn"].lr, result["late"].lr) == (1e-3, 2e-3)
@@ -99,18 +105,19 @@ def test_result_round_trips_through_json(reference, tmp_path):
 
 def test_second_call_reads_finished_runs_back(reference, variants, data, monkeypatch):
     result, sweep_dir = reference
-    checkpoints = {path: path.stat().st_mtime_ns for path in sweep_dir.glob("*/checkpoints/*.pt")}
+    checkpoints = {path: path.stat().st_mtime_ns for path in sweep_dir.glob("*/*/checkpoints/*.pt")}
+    assert checkpoints
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished variant was trained again")
 
     monkeypatch.setattr(sweep_module, "train", no_training)
     again = run_sweep(variants, CONFIG, data, sweep_dir, progress=False)
-    assert all(row.reused for row in again.variants)
-    for old, new in zip(result.variants, again.variants):
+    assert all(row.reused for row in again.runs)
+    for old, new in zip(result.runs, again.runs):
         assert (new.final_val_loss, new.tokens, new.curve) == (old.final_val_loss, old.tokens, old.curve)
         assert new.wall_seconds == old.wall_seconds
-    assert {path: path.stat().st_mtime_ns for path in sweep_dir.glob("*/checkpoints/*.pt")} == checkpoints
+    assert {path: path.stat().st_mtime_ns for path in sweep_dir.glob("*/*/checkpoints/*.pt")} == checkpoints
 
 
 def test_interrupted_variant_resumes_and_matches(reference, variants, data, tmp_path):
@@ -118,10 +125,11 @@ def test_interrupted_variant_resumes_and_matches(reference, variants, data, tmp_
     # the first variant asks for step 4 once and finishes; the second is stopped there (checkpoint step_4.pt)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(variants, CONFIG, InterruptOnce(data, step=4, nth=2), tmp_path, progress=False)
-    assert (tmp_path / "gdn" / "metrics.json").exists() and not (tmp_path / "late" / "metrics.json").exists()
-    assert (tmp_path / "late" / "checkpoints" / "step_4.pt").exists()
+    gdn, late = run_folder(tmp_path, "gdn", 1e-3, 0), run_folder(tmp_path, "late", 2e-3, 0)
+    assert (gdn / "metrics.json").exists() and not (late / "metrics.json").exists()
+    assert (late / "checkpoints" / "step_4.pt").exists()
     resumed = run_sweep(variants, CONFIG, data, tmp_path, progress=False)
-    assert [row.reused for row in resumed.variants] == [True, False]
+    assert [row.reused for row in resumed.runs] == [True, False]
     late = resumed["late"]
     assert late.tokens == result["late"].tokens
     # resume is exact on the CPU with one thread (tests/test_train.py); allow float noise only
@@ -136,8 +144,14 @@ def test_changed_settings_stop_before_training(reference, variants, data, monkey
     with pytest.raises(ConfigError, match="steps=6, not 8") as err:
         run_sweep(variants, CONFIG.replace(steps=8), data, sweep_dir, progress=False)
     assert "\n" not in str(err.value) and "another sweep_dir" in str(err.value)
-    with pytest.raises(ConfigError, match="lr=0.001, not 0.003"):
-        run_sweep(variants, CONFIG, data, sweep_dir, lr_by_variant={"gdn": 3e-3, "late": 2e-3}, progress=False)
+    with pytest.raises(ConfigError, match="eval_every=3, not 2"):
+        run_sweep(variants, CONFIG.replace(eval_every=2), data, sweep_dir, learning_rates=[1e-3, 5e-3],
+                  progress=False)
+    with pytest.raises(ConfigError, match="not both"):
+        run_sweep(variants, CONFIG, data, sweep_dir, lr_by_variant={"gdn": 1e-3, "late": 2e-3},
+                  learning_rates=[1e-3], progress=False)
+    with pytest.raises(ConfigError, match="seeds=0"):
+        run_sweep(variants, CONFIG, data, sweep_dir, seeds=0, progress=False)
 
 
 def test_diverged_variant_is_recorded_and_not_retrained(variants, data, tmp_path, monkeypatch):
@@ -194,11 +208,12 @@ def test_compare_with_seed_orders_and_pairs():
     assert same["seed_order"] == ["sparse", "gdn", "transformer"] == same["run_order"]
     assert same["same_order"] and same["agreeing_pairs"] == 3 and same["missing"] == []
     assert same["pairs"][0] == {"better": "sparse", "worse": "gdn", "seed_gap": pytest.approx(0.341),
-                                "run_gap": pytest.approx(0.5), "agrees": True}
+                                "run_gap": pytest.approx(0.5), "agrees": True, "tie": False, "verdict": "agrees"}
     flipped = compare_with_seed(SweepResult([_row("gdn", 2.0), _row("sparse", 2.1), _row("transformer", 3.0),
                                              _row("late", 1.0)], {}))
     assert flipped["run_order"] == ["gdn", "sparse", "transformer"] and not flipped["same_order"]
     assert [p["agrees"] for p in flipped["pairs"]] == [False, True, True] and flipped["agreeing_pairs"] == 2
+    assert flipped["tied_pairs"] == 0  # one seed each and no seed range measured: no tie can be called
     partial = compare_with_seed(SweepResult([_row("gdn", 2.0), _row("transformer", None, "diverged")], {}))
     assert partial["seed_order"] == ["gdn"] and partial["pairs"] == []
     assert partial["missing"] == ["sparse", "transformer"]
@@ -211,6 +226,7 @@ def test_figures_have_a_trace_per_variant(reference):
     assert len(figures["val_loss"].data) == 2
     assert [list(t.y) for t in figures["val_loss"].data] == [[r["val_loss"] for r in result[n].curve]
                                                               for n in result.ranking()]
+    assert [list(t.y) for t in figures["lr_grid"].data] == [[result[n].final_val_loss] for n in result.ranking()]
     scatter, grid = figures["placement"].data
     assert list(scatter.y) == [result[n].final_val_loss for n in result.ranking()]
     assert [list(row) for row in grid.z] == [[0.0, 1.0 if result[n].layout == "GA" else 0.0]
@@ -240,3 +256,111 @@ def test_budget_scales_steps_and_is_kept_for_resume(variants, data, tmp_path, mo
     monkeypatch.undo()
     with pytest.raises(ConfigError, match="raise max_seconds"):
         budget_train_config(variants, config, data, max_seconds=0.5, min_steps=5)
+
+
+def test_grid_picks_each_variants_best_rate_and_seeds_the_best(variants, data, tmp_path, monkeypatch):
+    rates = [1e-3, 2e-2]
+    result = run_sweep(variants, CONFIG, data, tmp_path, learning_rates=rates, seeds=3, seeded=1, progress=False)
+    first = {(run.name, run.lr): run.final_val_loss for run in result.runs if run.seed == 0}
+    assert set(first) == {(name, lr) for name in ("gdn", "late") for lr in rates}  # the whole grid at seed 0
+    chosen = {name: min(rates, key=lambda lr, n=name: first[(n, lr)]) for name in ("gdn", "late")}
+    assert {name: result.chosen_lr(name) for name in chosen} == chosen
+    best = min(chosen, key=lambda n: first[(n, chosen[n])])
+    other = ({"gdn", "late"} - {best}).pop()
+    extra = [(run.name, run.lr, run.seed) for run in result.runs if run.seed > 0]
+    assert extra == [(best, chosen[best], 1), (best, chosen[best], 2)], "only the best variant, at its rate"
+    summary = result.summaries()
+    losses = [run.final_val_loss for run in result.runs_of(best) if run.lr == chosen[best]]
+    assert summary[best]["n"] == 3 and summary[best]["mean"] == pytest.approx(sum(losses) / 3)
+    assert summary[best]["spread"] == pytest.approx(max(losses) - min(losses)) and summary[best]["spread"] > 0
+    assert summary[other]["n"] == 1 and summary[other]["lr_scores"] == {f"{lr:g}": first[(other, lr)] for lr in rates}
+    assert result.noise == summary[best]["spread"]
+    # a seed moves the data order too (the validation batches stay): seed 1's run records data seed 1
+    saved = json.loads((run_folder(tmp_path, best, chosen[best], 1) / "config.json").read_text())
+    assert saved["data"]["seed"] == 1 and saved["train"]["seed"] == 1
+    assert result[best].seed == 0 and result[best].lr == chosen[best]
+    assert result.mean_curve(best)[-1]["val_loss"] == pytest.approx(summary[best]["mean"])
+    assert result.setup["protocol"] == {"learning_rates": rates, "seeds": 3, "seeded": 1}
+    table = result.table().splitlines()
+    assert "3 seeds" in next(line for line in table if f" {best} " in line)
+
+    monkeypatch.setattr(sweep_module, "train", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    again = run_sweep(variants, CONFIG, data, tmp_path, learning_rates=rates, seeds=3, seeded=1, progress=False)
+    assert all(run.reused for run in again.runs) and again.summaries() == result.summaries()
+    assert SweepResult.from_json(tmp_path / "sweep.json").summaries() == result.summaries()
+
+
+def _run(name: str, lr: float, seed: int, losses: list[float] | None, status: str = "ok") -> VariantResult:
+    """A finished run whose validation loss was `losses` at steps 10, 20, ... (None: diverged)."""
+    curve = [{"step": 10 * (i + 1), "tokens": 100 * (i + 1), "train_loss": v, "val_loss": v}
+             for i, v in enumerate(losses or [])]
+    return VariantResult(name=name, attn_layers=(), layout="GG", attention_ratio=0.0, lr=lr, params=1,
+                         status=status, seed=seed, final_val_loss=losses[-1] if losses else None, curve=curve)
+
+
+def test_best_rate_ties_and_noise_floor():
+    runs = [_run("a", 1e-3, 0, [3.0, 2.00]), _run("a", 2e-3, 0, [3.0, 1.90]), _run("a", 4e-3, 0, None, "diverged"),
+            _run("a", 2e-3, 1, [3.0, 1.96]), _run("a", 2e-3, 2, [3.0, 1.93]),
+            _run("b", 1e-3, 0, [3.0, 1.95]), _run("b", 2e-3, 0, [3.0, 2.10]), _run("b", 4e-3, 0, [3.0, 2.30]),
+            _run("c", 1e-3, 0, [3.0, 2.50]), _run("c", 2e-3, 0, None, "diverged"), _run("c", 4e-3, 0, [3.0, 2.60])]
+    result = SweepResult(runs, {})
+    assert [result.chosen_lr(n) for n in "abc"] == [2e-3, 1e-3, 1e-3]  # a diverged rate is never chosen
+    summary = result.summaries()
+    assert summary["a"]["mean"] == pytest.approx(1.93) and summary["a"]["spread"] == pytest.approx(0.06)
+    assert summary["a"]["lr_scores"] == {"0.001": 2.0, "0.002": 1.9, "0.004": None}
+    assert result.ranking() == ["a", "b", "c"] and result.noise == pytest.approx(0.06)
+    # b is 0.02 behind a: within a's seed range -> tie; c is 0.57 behind: not
+    assert result.compare("a", "b") == result.compare("b", "a") == "tie"
+    assert result.compare("a", "c") == "better" and result.compare("c", "a") == "worse"
+    # b and c have one seed each: they borrow a's range (0.06); a gap of 0.55 is still no tie
+    assert result.compare("b", "c") == "better"
+    assert SweepResult(runs[5:8] + [_run("d", 1e-3, 0, [3.0, 1.99])], {}).compare("b", "d") == "better"
+    with pytest.raises(KeyError, match="no variant 'z'"):
+        result.runs_of("z")
+
+
+def test_rank_stability_over_the_last_30_percent():
+    # ten evaluations (steps 10..100); the window is steps >= 70: 70, 80, 90, 100
+    early_swap = {"a": [5, 4, 3.0, 2.6, 2.5, 2.4, 2.3, 2.2, 2.1, 2.0],
+                  "b": [5, 3, 2.9, 2.7, 2.6, 2.5, 2.4, 2.3, 2.2, 2.1]}  # b leads until step 30, a from 40 on
+    result = SweepResult([_run(n, 1e-3, 0, v) for n, v in early_swap.items()], {})
+    stable = rank_stability(result)
+    assert stable["steps"] == [70, 80, 90, 100] and stable["evaluations"] == 4
+    assert stable["stable"] and stable["swapped"] == [] and stable["final_order"] == ["a", "b"]
+    assert not rank_stability(result, window=0.8)["stable"]  # the early swap is inside a window of 80%
+    late_swap = {"a": [5, 4, 3, 2.6, 2.5, 2.4, 2.3, 2.25, 2.15, 2.05],
+                 "b": [5, 4, 3, 2.7, 2.6, 2.5, 2.35, 2.2, 2.1, 2.0],  # b passes a at step 80
+                 "c": [5, 4, 3, 2.9, 2.8, 2.7, 2.6, 2.5, 2.4, 2.3]}
+    swapped = rank_stability(SweepResult([_run(n, 1e-3, 0, v) for n, v in late_swap.items()], {}))
+    assert not swapped["stable"] and swapped["swapped"] == [["a", "b"]]
+    assert swapped["orders"][0] == ["a", "b", "c"] and swapped["final_order"] == ["b", "a", "c"]
+    # the mean over seeds decides: a second seed of a that ends low keeps a ahead throughout
+    seeded = [_run(n, 1e-3, 0, v) for n, v in late_swap.items()]
+    seeded.append(_run("a", 1e-3, 1, [5, 4, 3, 2.6, 2.5, 2.4, 2.1, 2.0, 1.9, 1.8]))
+    assert rank_stability(SweepResult(seeded, {}))["stable"]
+    with pytest.raises(ConfigError, match="window"):
+        rank_stability(result, window=0)
+
+
+def test_sweeps_saved_before_the_grid_read_back_as_one_seed():
+    payload = {"variants": [dataclasses.asdict(_run("gdn", 1e-3, 0, [3.0, 2.0]))], "setup": {}, "ranking": ["gdn"]}
+    del payload["variants"][0]["seed"]
+    old = SweepResult.from_dict({"results": payload, "environment": {}})
+    assert old.names == ["gdn"] and old["gdn"].seed == 0 and old.summaries()["gdn"]["n"] == 1
+    assert old.noise is None and old.ranking() == ["gdn"]
+
+
+def test_budget_counts_every_rate_and_extra_seed(variants, data, tmp_path):
+    config = CONFIG.replace(steps=100_000, warmup_steps=1000, eval_every=20_000, save_every=0)
+    one = budget_train_config(variants, config, data, max_seconds=60.0, min_steps=5)
+    grid = budget_train_config(variants, config, data, max_seconds=60.0, min_steps=5,
+                               learning_rates=[1e-3, 2e-3, 4e-3], seeds=3, seeded=1)
+    costly = max(grid.step_seconds, key=grid.step_seconds.get)
+    assert one.runs == {"gdn": 1, "late": 1}
+    assert grid.runs == {name: 3 + 2 * (name == costly) for name in ("gdn", "late")}
+    assert grid.train_config.steps < one.train_config.steps  # 8 runs where there was 2
+    assert grid.calibration_seconds + grid.estimated_seconds <= 60.0 + 1e-6
+    evaluations, steps = config.steps // config.eval_every, grid.train_config.steps
+    assert grid.estimated_seconds == pytest.approx(sum(
+        runs * (steps * grid.step_seconds[n] + (evaluations + 1) * grid.run_overhead_seconds[n])
+        for n, runs in grid.runs.items()))
