@@ -84,25 +84,30 @@ def expand(points: Iterable[tuple[dict, ModelConfig, Any]], train_config: TrainC
     return trials
 
 
-def _settings(trial: Trial) -> dict:
-    """What a trial folder must have been made with to be this trial (JSON-normalised)."""
-    describe = trial.data.describe() if hasattr(trial.data, "describe") else None
-    return json.loads(json.dumps({"model": trial.config.to_dict(), "train": trial.train_config.to_dict(),
-                                  "data": describe}, default=str))
+# Settings that do not change what a run computes: a run made with other values is still this run.
+RUN_INDEPENDENT = {"model": {"backend"}, "train": {"device", "log_every", "save_every"}}
 
 
-def _check_folder(trial: Trial, folder: pathlib.Path) -> None:
-    saved_path = folder / "config.json"
+def check_run_dir(run_dir: str | pathlib.Path, config: ModelConfig, train_config: TrainConfig, data,
+                  argument: str = "run_dir") -> None:
+    """ConfigError (one line) when `run_dir` holds a run made with other model, training or data
+    settings than these (`RUN_INDEPENDENT` fields aside); nothing when it holds none or the same.
+    `argument`: the caller's parameter the message tells the user to change."""
+    saved_path = pathlib.Path(run_dir, "config.json")
     if not saved_path.exists():
         return
-    saved, wanted = load_json(saved_path), _settings(trial)
-    ignored = {"model": {"backend"}, "train": {"device", "log_every", "save_every"}}
+    describe = data.describe() if hasattr(data, "describe") else None
+    wanted = json.loads(json.dumps({"model": config.to_dict(), "train": train_config.to_dict(), "data": describe},
+                                   default=str))
+    saved = load_json(saved_path)
     for section in ("model", "train", "data"):
-        old, new = saved.get(section) or {}, wanted.get(section) or {}
+        old, new = saved.get(section), wanted.get(section)
+        if old is None or new is None:  # a run directory made without data settings (or data without them)
+            continue
         for key in sorted(set(old) | set(new)):
-            if key not in ignored.get(section, ()) and old.get(key) != new.get(key):
-                raise ConfigError(f"{folder} holds a run with {section} {key}={old.get(key)!r}, not {new.get(key)!r}; "
-                                  f"pass another run_dir or delete {folder}")
+            if key not in RUN_INDEPENDENT.get(section, ()) and old.get(key) != new.get(key):
+                raise ConfigError(f"{run_dir} holds a run with {section} {key}={old.get(key)!r}, not {new.get(key)!r}; "
+                                  f"pass another {argument} or delete {run_dir}")
 
 
 def _run_one(trial: Trial, folder: pathlib.Path, score: Score | None, progress: bool) -> dict:
@@ -139,7 +144,7 @@ def run(trials: Sequence[Trial], run_dir: str | pathlib.Path, score: Score | Non
     if len(set(folders)) != len(folders):
         raise ConfigError("two trials share a folder: give points distinct labels")
     for trial, folder in zip(trials, folders, strict=True):
-        _check_folder(trial, folder)
+        check_run_dir(folder, trial.config, trial.train_config, trial.data)
     records: list[dict | None] = [load_json(f / TRIAL_FILE) if (f / TRIAL_FILE).exists() else None for f in folders]
     todo = [i for i, record in enumerate(records) if record is None]
     bar = tqdm(total=len(trials), initial=len(trials) - len(todo), desc=run_dir.name, disable=not progress)

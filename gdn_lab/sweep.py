@@ -72,8 +72,6 @@ SEED_EXP10 = {
 # pure Gated DeltaNet by about 0.1 nat per token at 1.3B parameters and 100B tokens.
 GDN_PAPER_TRANSFORMER_GAP = {"nats": 0.1, "params": "1.3B", "tokens": "100B", "source": "arXiv 2412.06464"}
 SWEEP_FILE, VARIANT_FILE, BUDGET_FILE = "sweep.json", "variant.json", "budget.json"
-# Settings that do not change what a run computes: a run made with other values is still this run.
-_RUN_INDEPENDENT = {"model": {"backend"}, "train": {"device", "log_every", "save_every"}}
 _NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
@@ -386,7 +384,7 @@ def _run_all(todo: Sequence[tuple[str, float, int]], variants: Mapping[str, Mode
     plans = [(name, lr, seed, train_config.replace(lr=lr, seed=seed), seeded_data(data, seed - train_config.seed),
               run_folder(sweep_dir, name, lr, seed)) for name, lr, seed in todo]
     for name, _, _, config, run_data, folder in plans:
-        _check_same_run(folder, variants[name], config, run_data)
+        grid.check_run_dir(folder, variants[name], config, run_data, argument="sweep_dir")
     for i, (name, lr, seed, config, run_data, folder) in enumerate(plans, start=1):
         row = _read_finished(name, variants[name], lr, seed, folder)
         if row is None:
@@ -414,24 +412,6 @@ def _learning_rates(variants: Mapping[str, ModelConfig], rule) -> dict[str, floa
 def _plain(config) -> dict:
     """A dataclass as config.json stores it (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(config)))
-
-
-def _check_same_run(run_dir: pathlib.Path, config: ModelConfig, train_config: TrainConfig, data) -> None:
-    """ConfigError when `run_dir` holds a run made with other model, training or data settings."""
-    saved_path = run_dir / "config.json"
-    if not saved_path.exists():
-        return
-    saved = load_json(saved_path)
-    wanted = {"model": _plain(config), "train": _plain(train_config),
-              "data": data.describe() if hasattr(data, "describe") else None}
-    for section, values in wanted.items():
-        old = saved.get(section)
-        if values is None or old is None:
-            continue
-        for key in sorted(set(values) | set(old)):
-            if key not in _RUN_INDEPENDENT.get(section, ()) and values.get(key) != old.get(key):
-                raise ConfigError(f"{run_dir} holds a run with {section} {key}={old.get(key)!r}, not "
-                                  f"{values.get(key)!r}; pass another sweep_dir or delete {run_dir}")
 
 
 def _row(name: str, config: ModelConfig, lr: float, seed: int, run_dir: pathlib.Path, note: dict, reused: bool,
