@@ -7,7 +7,8 @@ Every one runs forward and backward on the same input and output gradient; the r
 gdn_lab's torch backend in fp32. For the output, the input gradient and every parameter's
 gradient the script reports the relative RMSE, rms(x - ref) / rms(ref), against FLA's own test
 tolerances: 5e-3 for outputs, 8e-3 for dq/dk/dv-level gradients (x, projections, convs, norm),
-2e-2 for the dbeta/dg-level ones (b_proj -> beta; a_proj, A_log, dt_bias -> g).
+2e-2 for the dbeta/dg-level ones (b_proj -> beta; a_proj, A_log, dt_bias -> g). The metric and
+the tolerances are `gdn_lab.ops.relative_rmse` and `gdn_lab.ops.FLA_*_TOL`.
 
 FLA's tolerances are for the kernel on the same bf16 inputs; a whole layer in bf16 (six bf16
 matmuls) misses the fp32 reference by about 1e-2 whichever implementation runs it, FLA's own
@@ -48,7 +49,6 @@ from gdn_lab.env import fla_unavailable_reason, pick_device  # noqa: E402
 from gdn_lab.layers import GatedDeltaNet  # noqa: E402
 from gdn_lab.results import save_results  # noqa: E402
 
-OUTPUT_TOL, QKV_TOL, GATE_TOL = 5e-3, 8e-3, 2e-2
 GATE_PARAMETERS = ("b_proj.weight", "a_proj.weight", "A_log", "dt_bias")  # gradients through beta and g
 BF16_SLACK = 1.25  # a bf16 layer may miss the fp32 reference by up to 1.25x what FLA's own layer does
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -59,15 +59,8 @@ SMOKE_SHAPE = dict(hidden_size=64, num_heads=2, head_dim=16, expand_v=2.0, seq_l
 
 def tolerance(quantity: str) -> float:
     if quantity == "output":
-        return OUTPUT_TOL
-    return GATE_TOL if quantity.removeprefix("grad:") in GATE_PARAMETERS else QKV_TOL
-
-
-def relative_rmse(x: torch.Tensor, reference: torch.Tensor) -> float:
-    """rms(x - reference) / rms(reference), FLA's `get_err_ratio`."""
-    error = (x.double() - reference.double()).square().mean().sqrt()
-    scale = reference.double().square().mean().sqrt()
-    return float(error / scale) if scale > 0 else float(error)
+        return ops.FLA_OUTPUT_TOL
+    return ops.FLA_GATE_GRAD_TOL if quantity.removeprefix("grad:") in GATE_PARAMETERS else ops.FLA_QKV_GRAD_TOL
 
 
 def recurrent_forward(layer: GatedDeltaNet, x: torch.Tensor) -> torch.Tensor:
@@ -120,7 +113,7 @@ def compare(name: str, dtype: str, candidate: dict, vs: str, reference: dict, ju
     """Relative RMSE of every quantity against `reference`, with its tolerance (FLA's by default)."""
     quantities = {}
     for quantity, ref in reference.items():
-        error, tol = relative_rmse(candidate[quantity], ref), (tolerances or {}).get(quantity, tolerance(quantity))
+        error, tol = ops.relative_rmse(candidate[quantity], ref), (tolerances or {}).get(quantity, tolerance(quantity))
         quantities[quantity] = {"rel_rmse": error, "tolerance": tol, "pass": error <= tol}
     return {"implementation": name, "dtype": dtype, "vs": vs, "judged": judged, "quantities": quantities,
             "pass": all(q["pass"] for q in quantities.values())}
@@ -225,7 +218,7 @@ def judged_comparisons(outputs: dict) -> list[dict]:
     reference = outputs[("gdn_lab-torch", "float32")]
     fla_bf16 = outputs.get(("fla-layer", "bfloat16"))
     budget = None if fla_bf16 is None else {
-        q: max(tolerance(q), BF16_SLACK * relative_rmse(fla_bf16[q], ref)) for q, ref in reference.items()}
+        q: max(tolerance(q), BF16_SLACK * ops.relative_rmse(fla_bf16[q], ref)) for q, ref in reference.items()}
     comparisons = []
     for (name, dtype), result in outputs.items():
         if dtype == "float32" and name != "gdn_lab-torch":
@@ -256,7 +249,8 @@ def run(device: torch.device, shape: dict, seed: int, timing_iters: int) -> dict
     comparisons = judged_comparisons(outputs)
     results = {
         "shape": shape, "reference": "gdn_lab-torch float32",
-        "tolerances": {"output": OUTPUT_TOL, "dq/dk/dv level": QKV_TOL, "dbeta/dg level": GATE_TOL,
+        "tolerances": {"output": ops.FLA_OUTPUT_TOL, "dq/dk/dv level": ops.FLA_QKV_GRAD_TOL,
+                       "dbeta/dg level": ops.FLA_GATE_GRAD_TOL,
                        "dbeta/dg-level parameters": list(GATE_PARAMETERS), "bf16 slack vs FLA": BF16_SLACK},
         "comparisons": comparisons,
         "skipped": [{"implementation": name, "reason": reason} for name, reason in skipped.items()],

@@ -7,7 +7,9 @@ state_dict moves between the two. It runs on one of two backends:
   Runs everywhere; the readable path.
 - "fla": FLA's Triton kernels (fused causal conv, chunk / fused-recurrent gated delta rule with
   the gates, L2 norm and sigmoid computed inside the kernel, fused gated RMSNorm), the same
-  kernels FLA's own layer calls. CUDA only.
+  kernels FLA's own layer calls. CUDA only. A layer whose `gates()` is edited (a subclass, or
+  `layer.gates = ...`: see `GatedDeltaNet.gates`) hands the kernels its computed g and beta
+  instead, so one gate formula runs on both backends.
 - "auto": "fla" on a CUDA device where FLA imports, else "torch"; resolved per device on the
   first forward and cached.
 
@@ -18,7 +20,6 @@ backward through several calls works. Either way the same object comes back.
 """
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 
@@ -28,7 +29,8 @@ from torch import nn
 
 from . import ops
 from .config import BACKENDS, ConfigError, ModelConfig
-from .env import check_training_backend, resolve_backend
+from .env import BackendError, check_training_backend, resolve_backend
+from .stacked import stacked_linear
 
 L2NORM_EPS = 1e-6  # FLA's l2norm epsilon (fla.modules.l2norm), used for q and k
 
@@ -70,83 +72,6 @@ def l2_normalize(x: torch.Tensor, eps: float = L2NORM_EPS) -> torch.Tensor:
     """x / sqrt(sum(x^2) + eps) over the last dim, in fp32, returned in x's dtype (as FLA's l2norm)."""
     x32 = x.float()
     return (x32 * torch.rsqrt(x32.square().sum(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def stacked_linear(x: torch.Tensor, groups: list[list[nn.Linear]], separate: bool = False
-                   ) -> tuple[torch.Tensor, ...]:
-    """x [..., D] through groups of bias-free linears: one output per group, [..., sum of the
-    group's out_features], the group's outputs side by side in order.
-
-    By default one GEMM on the weights concatenated on the fly (x read once; the outputs are views
-    with the row stride of the whole). `separate=True` runs one GEMM per group instead, so every
-    output is contiguous: for consumers that would copy a strided input (FLA's GDN kernels copy
-    their q, k, v and gate to contiguous; a short conv reads a strided input slower).
-    The parameters stay separate `nn.Linear`s (FLA's state_dict). Under autograd the backward
-    (`_StackedLinear`) takes each group's gradient where it lies: one GEMM per group accumulates into
-    x's gradient and one gives the group's weights, where `linear(...).split(...)` would first copy
-    the groups' gradients into one [..., sum] tensor and separate linears would add their x gradients.
-    """
-    weights = [linear.weight for group in groups for linear in group]
-    if not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))):
-        return _grouped_linear(x, weights, [len(group) for group in groups], separate)
-    device_type = x.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-    with torch.autocast(device_type, enabled=False):
-        return _StackedLinear.apply(x.to(dtype), [len(group) for group in groups], separate,
-                                    *(w.to(dtype) for w in weights))
-
-
-def _weight_groups(weights: tuple[torch.Tensor, ...] | list[torch.Tensor], group_lengths: list[int]
-                   ) -> list[tuple[torch.Tensor, ...]]:
-    """`weights` cut into consecutive groups of `group_lengths` weights."""
-    bounds = list(itertools.accumulate(group_lengths, initial=0))
-    return [tuple(weights[start:end]) for start, end in zip(bounds, bounds[1:])]
-
-
-def _as_one(group: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """A group's weights as one [out, D] matrix (the weight itself when the group has one)."""
-    return group[0] if len(group) == 1 else torch.cat(group)
-
-
-def _grouped_linear(x: torch.Tensor, weights: tuple[torch.Tensor, ...] | list[torch.Tensor],
-                    group_lengths: list[int], separate: bool) -> tuple[torch.Tensor, ...]:
-    """x through the grouped weights: one GEMM per group (`separate`: contiguous outputs), or one
-    GEMM on all the weights concatenated, its output split into one view per group."""
-    groups = _weight_groups(weights, group_lengths)
-    if separate:
-        return tuple(F.linear(x, _as_one(group)) for group in groups)
-    return F.linear(x, torch.cat(list(weights))).split([sum(w.shape[0] for w in g) for g in groups], dim=-1)
-
-
-class _StackedLinear(torch.autograd.Function):
-    """`stacked_linear` under autograd: forward one GEMM (or one per group), backward per group
-    (no gradient concatenation, x's gradient accumulated inside the GEMMs)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group_lengths: list[int], separate: bool,
-                *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, *weights)
-        ctx.group_lengths = group_lengths
-        return _grouped_linear(x, weights, group_lengths, separate)
-
-    @staticmethod
-    def backward(ctx, *grads: torch.Tensor | None):
-        x, *weights = ctx.saved_tensors
-        x2 = x.reshape(-1, x.shape[-1])
-        dx, dweights = None, []
-        for group, dy in zip(_weight_groups(weights, ctx.group_lengths), grads):
-            if dy is None:  # an unused group: zero gradients, as linear(...).split(...) would give
-                dweights += [torch.zeros_like(w) for w in group]
-                continue
-            dy2 = dy.reshape(-1, dy.shape[-1])
-            if ctx.needs_input_grad[0]:
-                weight = _as_one(group)
-                dx = dy2 @ weight if dx is None else dx.addmm_(dy2, weight)
-            dweights += list((dy2.t() @ x2).split([w.shape[0] for w in group]))
-        if dx is None and ctx.needs_input_grad[0]:
-            dx = torch.zeros_like(x2)
-        return (None if dx is None else dx.view_as(x)), None, None, *dweights
 
 
 class RMSNorm(nn.Module):
@@ -251,6 +176,9 @@ class GatedDeltaNet(KernelBackend, nn.Module):
     `use_decay=False` is the DeltaNet ablation: no a_proj, A_log or dt_bias. `dt_min`, `dt_max`:
     the range of the decay init (`reset_decay_parameters`). Grouped value heads (FLA's
     num_v_heads > num_heads) are not supported: value heads = num_heads.
+
+    A new gate formula goes in `gates` (override it; its docstring says how): both backends and the
+    probes follow it.
     """
 
     def __init__(
@@ -380,10 +308,19 @@ class GatedDeltaNet(KernelBackend, nn.Module):
         B, T, H = q.shape[0], q.shape[1], self.num_heads
         return q.reshape(B, T, H, -1), k.reshape(B, T, H, -1), v.reshape(B, T, H, -1)
 
-    def gates(self, p: GDNProjections, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(g, beta), both [B, T, H] fp32, from the projections `p`: log-decay
-        -exp(A_log) softplus(x W_a + dt_bias) (zeros without decay) and beta = sigmoid(x W_b)
-        (x2 with allow_neg_eigval); 0 at masked steps."""
+    def gates(self, p: GDNProjections) -> tuple[torch.Tensor, torch.Tensor]:
+        """(g, beta), both [B, T, H], from the projections `p`: log-decay
+        g = -exp(A_log) softplus(x W_a + dt_bias) (zeros without decay; alpha = exp(g)) and write
+        strength beta = sigmoid(x W_b) (x2 with allow_neg_eigval).
+
+        The hook for a new gate formula, on both backends. Override it in a subclass, or on one layer
+        `layer.gates = types.MethodType(my_gates, layer)` with `my_gates(layer, p) -> (g, beta)`; the
+        torch path, the probes and, once `gates` is not this method (`custom_gates`), the fla path
+        all use it: the fla path then hands the computed g and beta to FLA's kernels. Left as it is,
+        the fla path keeps FLA's fused in-kernel gate, the same formula (tests/test_layers.py checks
+        this method against FLA's reference): edit the formula through the hook, not here. The
+        caller casts to fp32 and zeroes padded steps; g must stay <= 0 for a decay in (0, 1].
+        """
         beta = torch.sigmoid(p.b.float())
         if self.allow_neg_eigval:
             beta = beta * 2
@@ -391,13 +328,49 @@ class GatedDeltaNet(KernelBackend, nn.Module):
             g = -self.A_log.float().exp() * F.softplus(p.a.float() + self.dt_bias.float())
         else:
             g = torch.zeros_like(beta)
+        return g, beta
+
+    @property
+    def custom_gates(self) -> bool:
+        """True when `gates()` is not FLA's formula, so the fla backend passes the kernels its g and beta
+        (not the raw inputs with FLA's in-kernel gate): `gates` is not `GatedDeltaNet.gates` (a
+        subclass overrides it, or it was set on this layer). A gate variant switched on by a
+        constructor flag adds its flag here (tests/test_layers.py, GATE_VARIANTS, checks it)."""
+        return self._overridden("gates")
+
+    def _overridden(self, name: str) -> bool:
+        """True when method `name` is not GatedDeltaNet's own: a subclass's, or one set on this layer."""
+        return getattr(getattr(self, name), "__func__", None) is not getattr(GatedDeltaNet, name)
+
+    def _gates(self, p: GDNProjections, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`gates(p)` as fp32 [B, T, H], with g = beta = 0 at padded steps (mask [B, T] False)."""
+        g, beta = (z.float() for z in self.gates(p))
         if mask is not None:
             g, beta = g * mask[..., None], beta * mask[..., None]
         return g, beta
 
+    def fla_gate_arguments(self, p: GDNProjections, mask: torch.Tensor | None = None,
+                           beta_dtype: torch.dtype | None = None) -> dict:
+        """The gate arguments the fla backend hands FLA's GDN kernels (g, beta and flags), from `p`.
+
+        `gates` as it is: FLA's fused gate, the same formula computed in the kernel from the raw
+        inputs: g = x W_a [B, T, H] (use_gate_in_kernel, A_log, dt_bias; fp32 zeros without decay),
+        beta = x W_b (use_beta_sigmoid_in_kernel, allow_neg_eigval). An edited `gates` (`custom_gates`),
+        or a mask (padded steps need g = beta = 0 exactly): `gates()`' own g [B, T, H] fp32 and beta
+        (in `beta_dtype`, the kernel's v dtype), no flags.
+        """
+        if mask is None and not self.custom_gates:
+            args = dict(beta=p.b, use_beta_sigmoid_in_kernel=True, allow_neg_eigval=self.allow_neg_eigval)
+            if self.use_decay:
+                return dict(args, g=p.a, use_gate_in_kernel=True, A_log=self.A_log, dt_bias=self.dt_bias)
+            return dict(args, g=p.b.new_zeros(p.b.shape, dtype=torch.float32))
+        g, beta = self._gates(p, mask)
+        return dict(g=g, beta=beta.to(beta_dtype or beta.dtype))
+
     def features(self, x: torch.Tensor, state: GDNState | None = None,
                  mask: torch.Tensor | None = None) -> GDNFeatures:
-        """Everything before the recurrence, in pure torch (both backends; probes use it).
+        """Everything before the recurrence, in pure torch: the torch backend's first half, and what
+        the probes recompute (the fla backend runs FLA's fused conv and L2 norm in its place).
 
         x [B, T, D]; state supplies the conv inputs of earlier steps (read, not written);
         mask [B, T] bool, False at padded steps (conv input zeroed, g = beta = 0).
@@ -414,7 +387,7 @@ class GatedDeltaNet(KernelBackend, nn.Module):
             qkv = F.conv1d(window, weight, bias, groups=self.conv_dim).transpose(1, 2)
             conv_state = window[..., -(self.conv_size - 1):]
         q, k, v = self._split_heads(*self._split_qkv(F.silu(qkv)))
-        g, beta = self.gates(p, mask)
+        g, beta = self._gates(p, mask)
         return GDNFeatures(l2_normalize(q), l2_normalize(k), v, g, beta, conv_state, p.gate)
 
     def finish(self, o: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
@@ -454,6 +427,10 @@ class GatedDeltaNet(KernelBackend, nn.Module):
         from fla.modules.convolution import causal_conv1d
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 
+        if self._overridden("features"):
+            raise BackendError(f"{type(self).__name__}.features is customised, but the fla backend runs FLA's fused "
+                               f"conv and L2 norm instead of it: use backend='torch' (model.set_backend('torch')), "
+                               f"or put the change in gates(), project() or finish(), which both backends call")
         if torch.is_grad_enabled() and not self._training_backend_checked:
             check_training_backend("fla", x.device)
             self._training_backend_checked = True
@@ -475,25 +452,14 @@ class GatedDeltaNet(KernelBackend, nn.Module):
             q, k, v = self._split_heads(*self._split_qkv(qkv))
         else:
             q, k, v = self._split_heads(F.silu(p.q), F.silu(p.k), F.silu(p.v))
-        if mask is None:  # raw gate inputs: the kernel applies softplus / sigmoid itself
-            beta = p.b
-            gate_kwargs = dict(use_beta_sigmoid_in_kernel=True, allow_neg_eigval=self.allow_neg_eigval)
-            if self.use_decay:
-                g = p.a
-                gate_kwargs.update(use_gate_in_kernel=True, A_log=self.A_log, dt_bias=self.dt_bias)
-            else:
-                g = beta.new_zeros(beta.shape, dtype=torch.float32)
-        else:  # padded steps need g = beta = 0 exactly: prepare the gates here
-            g, beta = self.gates(p, mask)
-            beta, gate_kwargs = beta.to(v.dtype), {}
         kernel = (fused_recurrent_gated_delta_rule if x.shape[1] <= 64 and not torch.is_grad_enabled()
                   else chunk_gated_delta_rule)
         # The state layout is a compile-time switch of the kernels. With no state in or out (training),
         # take FLA's own layer's [V, K] variants, so both run the same kernels; a carried state is [K, V].
-        o, final_state = kernel(q=q, k=k, v=v, g=g, beta=beta,
+        o, final_state = kernel(q=q, k=k, v=v, **self.fla_gate_arguments(p, mask, beta_dtype=v.dtype),
                                 initial_state=None if state is None else state.recurrent,
                                 output_final_state=state is not None, use_qk_l2norm_in_kernel=True,
-                                state_v_first=state is None, **gate_kwargs)
+                                state_v_first=state is None)
         if state is not None:
             state.update(conv_state, final_state)
         return self.finish(o, p.gate), state

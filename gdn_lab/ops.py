@@ -10,6 +10,10 @@ Shapes: q, k [B, T, H, K]; v [B, T, H, V]; g, beta [B, T, H]; states [B, H, K, V
 Three entry points: `recurrent_gated_delta_rule` (one step at a time; the reference, and the
 decode step), `chunk_gated_delta_rule` (the same numbers, a chunk of steps at a time; what
 training and prefill use) and `gated_delta_rule` (picks one of the two, as the layer does).
+
+How close two implementations must be, as FLA's tests measure it: `relative_rmse` and FLA's
+tolerances `FLA_OUTPUT_TOL`, `FLA_QKV_GRAD_TOL`, `FLA_GATE_GRAD_TOL` (the one definition the
+probes, the tests and benchmarks/parity.py use).
 """
 from __future__ import annotations
 
@@ -17,6 +21,22 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
+FLA_OUTPUT_TOL = 5e-3
+"""Relative RMSE FLA's tests allow between a GDN kernel's output and the naive recurrence."""
+FLA_QKV_GRAD_TOL = 8e-3
+"""Relative RMSE FLA's tests allow for dq, dk, dv (and, in gdn_lab, every gradient not through the gates)."""
+FLA_GATE_GRAD_TOL = 2e-2
+"""Relative RMSE FLA's tests allow for dbeta and dg (gdn_lab: b_proj, a_proj, A_log, dt_bias)."""
+
+
+def relative_rmse(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """rms(actual - expected) / rms(expected) in float64, FLA's test metric (`get_err_ratio`); the
+    plain rms(actual - expected) when `expected` is all zeros. Any shapes that broadcast."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    error = (actual - expected).square().mean().sqrt()
+    scale = expected.square().mean().sqrt()
+    return float(error / scale) if scale > 0 else float(error)
 
 
 def _checked_sizes(q, k, v, g, beta, initial_state) -> tuple[int, int, int, int, int]:

@@ -13,9 +13,9 @@ from conftest import load_benchmark
 from gdn_lab.config import ModelConfig
 from gdn_lab.layers import GatedDeltaNet
 from gdn_lab.models import build_model, to_fla
+from gdn_lab.ops import FLA_OUTPUT_TOL, relative_rmse
 from gdn_lab.results import load_json
 
-FLA_OUTPUT_TOL = 5e-3
 MAX_SLOWDOWN = 1.15  # gdn_lab's fla backend vs FLA's own model, training-step time (CUDA-graphed, as train runs it)
 MAX_EXTRA_KERNELS = 1.01  # kernels launched per training step, gdn_lab's fla backend vs FLA's model
 gpu = pytest.mark.gpu
@@ -24,10 +24,6 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def parity_module():
     return load_benchmark("parity")
-
-
-def relative_rmse(x: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((x.double() - reference.double()).square().mean().sqrt() / reference.double().square().mean().sqrt())
 
 
 def failures(results: dict) -> list[str]:

@@ -1,15 +1,22 @@
 """Layers on the CPU: the GDN layer against an independent computation with FLA's naive
 recurrence, state_dicts shared with fla.layers.GatedDeltaNet, decoding with a state, left
-padding, and the attention layer's cache, RoPE and short conv."""
+padding, one gate formula on both backends (`gates()` against FLA's in-kernel gate; an edited
+`gates()` reaching the fla path's kernels, run here through pure-torch stand-ins of FLA's entry
+points), and the attention layer's cache, RoPE and short conv."""
 from __future__ import annotations
+
+import sys
+import types
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import gdn_lab.layers
+from gdn_lab import ops
 from gdn_lab.config import ConfigError
 from gdn_lab.env import BackendError
-from gdn_lab.layers import Attention, GatedDeltaNet, rotary
+from gdn_lab.layers import Attention, GatedDeltaNet, l2_normalize, rotary
 
 FP32_ATOL = 2e-5
 SIZES = dict(hidden_size=32, num_heads=2, head_dim=8)
@@ -352,3 +359,177 @@ def test_backend_choice_on_cpu():
         gdn(backend="triton")
     with pytest.raises(ConfigError, match="expand_v"):
         gdn(expand_v=1.3)
+
+
+# One gate formula on both backends. The fla backend's fast path hands FLA's kernels the raw gate
+# inputs and lets them apply FLA's formula; that formula must be `gates()`. FLA 0.6.0's in-kernel
+# formulas: g = naive_gdn_gate(x W_a, A_log, dt_bias) = -exp(A_log) softplus(x W_a + dt_bias)
+# (fla/ops/gated_delta_rule/gate.py), and beta = scale * sigmoid(x W_b) with scale 2 when
+# allow_neg_eigval (fla/ops/common/gate.py, fused_beta_sigmoid_fwd_kernel, which chunk.py calls
+# with scale=2.0 if allow_neg_eigval else 1.0; fused_recurrent.py's kernel: APPLY_BETA_SIGMOID,
+# ALLOW_NEG_EIGVAL). FLA's beta has no torch reference, hence its transcription below.
+
+GATE_VARIANTS = [{}, {"allow_neg_eigval": True}, {"use_decay": False}]
+GATE_IDS = ["default", "neg-eig", "deltanet"]
+
+
+def fla_in_kernel_gates(args: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g, beta) as FLA's GDN kernels compute them from the arguments `fla_gate_arguments` gives."""
+    g, beta = args["g"].float(), args["beta"].float()
+    if args.get("use_gate_in_kernel"):
+        g = -args["A_log"].float().exp() * F.softplus(g + args["dt_bias"].float())
+    if args.get("use_beta_sigmoid_in_kernel"):
+        beta = beta.sigmoid() * (2.0 if args.get("allow_neg_eigval") else 1.0)
+    return g, beta
+
+
+@pytest.mark.parametrize("overrides", GATE_VARIANTS, ids=GATE_IDS)
+def test_gates_equal_what_the_fla_kernels_compute(overrides):
+    """What FLA's kernels compute from the fla backend's gate arguments is `gates()`. FLA's own gate
+    variants take the fast path (raw inputs, FLA's formula in the kernel); a gate variant of gdn_lab's
+    (add it to GATE_VARIANTS) must turn that off through `custom_gates`, or this fails."""
+    layer = gdn(**overrides)
+    p = layer.project(inputs())
+    args = layer.fla_gate_arguments(p)
+    assert bool(args.get("use_beta_sigmoid_in_kernel")) != layer.custom_gates
+    assert bool(args.get("use_gate_in_kernel")) == (layer.use_decay and not layer.custom_gates)
+    g, beta = layer.gates(p)
+    kernel_g, kernel_beta = fla_in_kernel_gates(args)
+    hint = "the fla backend's kernels would compute other gates than gates(): see GatedDeltaNet.custom_gates"
+    torch.testing.assert_close(kernel_g, g, atol=0, rtol=1e-6, msg=lambda m: f"g: {hint}\n{m}")
+    torch.testing.assert_close(kernel_beta, beta, atol=0, rtol=1e-6, msg=lambda m: f"beta: {hint}\n{m}")
+
+
+@pytest.mark.parametrize("overrides", [{}, {"dt_min": 1e-2, "dt_max": 0.5}])
+def test_decay_gate_equals_fla_reference_gate(overrides):
+    """`gates()`' g against FLA's own torch reference of its in-kernel gate, `naive_gdn_gate`."""
+    gate = pytest.importorskip("fla.ops.gated_delta_rule.gate", reason="FLA imports only with triton installed")
+    layer = gdn(**overrides)
+    p = layer.project(3 * inputs())
+    args = layer.fla_gate_arguments(p)
+    g, _ = layer.gates(p)
+    torch.testing.assert_close(g, gate.naive_gdn_gate(args["g"], args["A_log"], args["dt_bias"]), atol=0, rtol=1e-6)
+
+
+@pytest.fixture
+def fake_fla(monkeypatch) -> list[tuple[str, dict]]:
+    """Pure-torch stand-ins for the FLA entry points `GatedDeltaNet._forward_fla` imports, put in
+    sys.modules (neither FLA nor Triton is needed), and 'fla' as the backend wherever a module asks
+    for it. The GDN kernels compute what FLA's do (in-kernel gates and L2 norm included) with
+    gdn_lab.ops, and record their arguments in the returned list as (name, arguments)."""
+    calls = []
+
+    def causal_conv1d(x, weight, bias=None, initial_state=None, output_final_state=False, activation=None, **_):
+        width, channels = weight.shape[-1], x.shape[-1]
+        history = (initial_state[..., 1:] if initial_state is not None  # FLA's window is W wide, oldest unread
+                   else x.new_zeros(x.shape[0], channels, width - 1))
+        window = torch.cat([history, x.transpose(1, 2)], dim=-1)
+        y = F.silu(F.conv1d(window, weight[:, None], bias, groups=channels)).transpose(1, 2)
+        return y, (window[..., -width:] if output_final_state else None)
+
+    def kernel(name):
+        def run(q, k, v, g, beta, initial_state=None, output_final_state=False, use_qk_l2norm_in_kernel=False,
+                **flags):
+            args = dict(g=g, beta=beta, **flags)
+            calls.append((name, args))
+            g, beta = fla_in_kernel_gates(args)
+            if use_qk_l2norm_in_kernel:
+                q, k = l2_normalize(q), l2_normalize(k)
+            o, final = ops.gated_delta_rule(q, k, v, g, beta, initial_state=initial_state)
+            return o, (final if output_final_state else None)
+        return run
+
+    def rms_norm(x, weight, bias=None, eps=1e-6, **_):
+        return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
+
+    modules = {
+        "fla.modules.convolution": dict(causal_conv1d=causal_conv1d),
+        "fla.ops.gated_delta_rule": dict(chunk_gated_delta_rule=kernel("chunk"),
+                                         fused_recurrent_gated_delta_rule=kernel("fused_recurrent")),
+        "fla.modules.norm.fused_norm_gate": dict(
+            rms_norm_gated=lambda x, g, weight, bias=None, activation="swish", eps=1e-6, **_:
+            (rms_norm(x, weight, eps=eps).float() * F.silu(g.float())).to(x.dtype)),
+        "fla.modules.norm.layernorm": dict(rms_norm=rms_norm),
+    }
+    for name, attributes in modules.items():
+        module = types.ModuleType(name)
+        module.__dict__.update(attributes)
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(gdn_lab.layers, "resolve_backend", lambda backend, device: "torch" if backend == "torch"
+                        else "fla")
+    monkeypatch.setattr(gdn_lab.layers, "check_training_backend", lambda backend, device: None)
+    return calls
+
+
+def edited_gates(layer: GatedDeltaNet, p) -> tuple[torch.Tensor, torch.Tensor]:
+    """Another gate formula: the decay from a log-sigmoid, the write strength squared."""
+    return 0.5 * F.logsigmoid(p.a.float()), torch.sigmoid(p.b.float()) ** 2
+
+
+class EditedGatedDeltaNet(GatedDeltaNet):
+    def gates(self, p):
+        return edited_gates(self, p)
+
+
+def layer_with_gates(hook: str, **overrides) -> GatedDeltaNet:
+    """A torch-backend layer with GatedDeltaNet's gates ('default') or `edited_gates` through the
+    documented hook: a subclass overriding `gates`, or `layer.gates = types.MethodType(...)`."""
+    if hook == "subclass":
+        torch.manual_seed(0)
+        return EditedGatedDeltaNet(**{**SIZES, "backend": "torch", **overrides})
+    layer = gdn(**overrides)
+    if hook == "instance":
+        layer.gates = types.MethodType(edited_gates, layer)
+    return layer
+
+
+@pytest.mark.parametrize("hook", ["default", "subclass", "instance"])
+def test_fla_path_receives_the_gates_that_gates_computes(fake_fla, hook):
+    """Training / prefill (chunk kernel): an edited `gates()` reaches the kernel as precomputed g and
+    beta with FLA's in-kernel gate off; the default keeps FLA's fused gate. Either way the fla path
+    computes what the torch path does."""
+    layer = layer_with_gates(hook, allow_neg_eigval=True)
+    assert layer.custom_gates == (hook != "default")
+    x = inputs(steps=70)
+    y_torch, _ = layer(x)
+    y_fla, _ = layer.set_backend("fla")(x)
+    [(name, args)] = fake_fla
+    assert name == "chunk"
+    p = layer.project(x, separate=True)  # the fla path's projection layout
+    if hook == "default":
+        assert args["use_gate_in_kernel"] and args["use_beta_sigmoid_in_kernel"] and torch.equal(args["g"], p.a)
+    else:
+        assert not args.get("use_gate_in_kernel") and not args.get("use_beta_sigmoid_in_kernel")
+        g, beta = edited_gates(layer, p)
+        assert torch.equal(args["g"], g) and torch.equal(args["beta"], beta)
+    torch.testing.assert_close(y_fla, y_torch, atol=FP32_ATOL, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_edited_gates_reach_the_fla_decode_kernel(fake_fla):
+    """Decoding with a state (fused-recurrent kernel): the edited gates of every step reach it."""
+    layer = layer_with_gates("instance")
+    x = inputs(steps=9)
+
+    def decode(layer):
+        state = layer.empty_state(2)
+        return torch.cat([layer(x[:, start:stop], state)[0] for start, stop in [(0, 6), (6, 7), (7, 8), (8, 9)]], 1)
+
+    y_torch = decode(layer)
+    y_fla = decode(layer.set_backend("fla"))
+    assert [name for name, _ in fake_fla] == ["fused_recurrent"] * 4
+    g, beta = edited_gates(layer, layer.project(x[:, 8:]))
+    assert torch.equal(fake_fla[-1][1]["g"], g) and torch.equal(fake_fla[-1][1]["beta"], beta)
+    torch.testing.assert_close(y_fla, y_torch, atol=FP32_ATOL, rtol=1e-4)
+
+
+def test_fla_path_refuses_an_edited_features(fake_fla):
+    """`features` is the torch path's; the fla path runs FLA's fused conv and L2 norm: one line, not silence."""
+    class EditedFeatures(GatedDeltaNet):
+        def features(self, x, state=None, mask=None):
+            return super().features(x, state, mask)
+
+    layer = EditedFeatures(**SIZES, backend="fla")
+    with pytest.raises(BackendError, match="features is customised") as err:
+        layer(inputs())
+    assert "\n" not in str(err.value) and "backend='torch'" in str(err.value)

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gdn_lab.ops import chunk_gated_delta_rule, gated_delta_rule, recurrent_gated_delta_rule
+from gdn_lab.ops import chunk_gated_delta_rule, gated_delta_rule, recurrent_gated_delta_rule, relative_rmse
 
 FP32_TOL = 1e-5
 BF16_TOL = 1e-2
@@ -41,12 +41,6 @@ def load_fla_naive():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def rel_rmse(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Relative RMSE of `a` against the reference `b`: rms(a - b) / rms(b), in float64."""
-    a, b = a.double(), b.double()
-    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt()).item()
 
 
 def make_inputs(B=2, T=33, H=3, K=16, V=32, *, seed=0, gate="logsigmoid", beta_max=2.0, initial_state=True):
@@ -84,7 +78,7 @@ def outputs_and_grads(fn, inputs: dict, **kwargs) -> dict[str, torch.Tensor]:
 
 def assert_all_close(got: dict, ref: dict, tol: float) -> None:
     assert got.keys() == ref.keys()
-    errors = {name: rel_rmse(got[name], ref[name]) for name in ref}
+    errors = {name: relative_rmse(got[name], ref[name]) for name in ref}
     assert all(torch.isfinite(x).all() for x in got.values()), "non-finite values"
     assert max(errors.values()) <= tol, {name: f"{e:.1e}" for name, e in errors.items()}
 
@@ -160,7 +154,7 @@ def test_bf16_inputs_give_bf16_outputs_close_to_fp32(fn):
     o_ref, state_ref, _ = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0)
     o, state = fn(*(x.bfloat16() for x in (q, k, v, g, beta)), initial_state=h0)[:2]
     assert o.dtype == torch.bfloat16 and state.dtype == torch.float32
-    assert rel_rmse(o, o_ref) <= BF16_TOL and rel_rmse(state, state_ref) <= BF16_TOL
+    assert relative_rmse(o, o_ref) <= BF16_TOL and relative_rmse(state, state_ref) <= BF16_TOL
 
 
 def test_dispatcher_prefill_then_decode_equals_one_pass():
@@ -170,8 +164,8 @@ def test_dispatcher_prefill_then_decode_equals_one_pass():
     o_ref, state_ref, _ = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0)
     o_prefill, state = gated_delta_rule(q[:, :-1], k[:, :-1], v[:, :-1], g[:, :-1], beta[:, :-1], initial_state=h0)
     o_step, state = gated_delta_rule(q[:, -1:], k[:, -1:], v[:, -1:], g[:, -1:], beta[:, -1:], initial_state=state)
-    assert rel_rmse(torch.cat([o_prefill, o_step], dim=1), o_ref) <= FP32_TOL
-    assert rel_rmse(state, state_ref) <= FP32_TOL
+    assert relative_rmse(torch.cat([o_prefill, o_step], dim=1), o_ref) <= FP32_TOL
+    assert relative_rmse(state, state_ref) <= FP32_TOL
     o_chunk, _ = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0)
     assert torch.equal(gated_delta_rule(q, k, v, g, beta, initial_state=h0)[0], o_chunk)
 
