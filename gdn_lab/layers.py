@@ -598,6 +598,19 @@ class Attention(nn.Module):
         state.length += T
         return start
 
+    def project(self, x: torch.Tensor, state: KVState | None = None, mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, D] -> q [B, T, H, d], k, v [B, T, Hkv, d]: the projections, through the short conv
+        when the layer has one (`short_conv`: it reads and advances `state.conv`), before RoPE."""
+        B, T, _ = x.shape
+        if self.conv_size:
+            (qkv,) = stacked_linear(x, [[self.q_proj, self.k_proj, self.v_proj]])
+            q, k, v = self.short_conv(qkv, state, mask).split([self.hidden_size, self.kv_dim, self.kv_dim], dim=-1)
+        else:
+            q, k, v = stacked_linear(x, [[self.q_proj], [self.k_proj], [self.v_proj]])
+        return (q.reshape(B, T, self.num_heads, self.head_dim), k.reshape(B, T, self.num_kv_heads, self.head_dim),
+                v.reshape(B, T, self.num_kv_heads, self.head_dim))
+
     def forward(self, x: torch.Tensor, state: KVState | None = None,
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, KVState | None]:
         """x [B, T, D] -> (y [B, T, D], state). Positions continue from the state; with a mask
@@ -606,13 +619,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         if mask is not None:
             mask = mask.to(device=x.device, dtype=torch.bool)
-        if self.conv_size:
-            (qkv,) = stacked_linear(x, [[self.q_proj, self.k_proj, self.v_proj]])
-            q, k, v = self.short_conv(qkv, state, mask).split([self.hidden_size, self.kv_dim, self.kv_dim], dim=-1)
-        else:
-            q, k, v = stacked_linear(x, [[self.q_proj], [self.k_proj], [self.v_proj]])
-        q = q.reshape(B, T, self.num_heads, self.head_dim)
-        k, v = k.reshape(B, T, self.num_kv_heads, self.head_dim), v.reshape(B, T, self.num_kv_heads, self.head_dim)
+        q, k, v = self.project(x, state, mask)
         steps = torch.arange(T, device=x.device) if mask is None else (mask.long().cumsum(1) - 1).clamp(min=0)
         positions = steps if state is None else state.position[:, None] + steps
         q, k = rotary(q, positions, self.inv_freq), rotary(k, positions, self.inv_freq)

@@ -269,8 +269,9 @@ def softmax_attention_map(model, input_ids: torch.Tensor, layer: int, head: int,
                           tolerance: float | None = None) -> torch.Tensor:
     """The attention probabilities [T, T] (rows: query t, columns: key i) of one softmax head.
 
-    Recomputes q, k with the layer's q_proj, k_proj and RoPE (`layers.rotary`), applies the
-    causal softmax of q k^T / sqrt(head_dim), and checks that these probabilities times v, through
+    Recomputes q, k with the layer's projections (through its short conv where it has one:
+    `Attention.project`) and RoPE (`layers.rotary`), applies the causal softmax of
+    q k^T / sqrt(head_dim), and checks that these probabilities times v, through
     o_proj, give the layer's real output (relative RMSE within `tolerance`: FP32_TOLERANCE for an
     fp32 model, ops.FLA_OUTPUT_TOL otherwise), else ProbeMismatch. fp32 CPU result.
     """
@@ -284,9 +285,10 @@ def softmax_attention_map(model, input_ids: torch.Tensor, layer: int, head: int,
     B, T, _ = x.shape
     H, Hkv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
     positions = torch.arange(T, device=x.device)
-    q = rotary(attn.q_proj(x).reshape(B, T, H, d), positions, attn.inv_freq).float().transpose(1, 2)
-    k = rotary(attn.k_proj(x).reshape(B, T, Hkv, d), positions, attn.inv_freq).float().transpose(1, 2)
-    v = attn.v_proj(x).reshape(B, T, Hkv, d).float().transpose(1, 2)
+    with torch.no_grad():
+        q, k, v = attn.project(x)  # the projections and, where the layer has one, its short conv
+    q, k = (rotary(t, positions, attn.inv_freq).float().transpose(1, 2) for t in (q, k))
+    v = v.float().transpose(1, 2)
     k, v = (t.repeat_interleave(H // Hkv, dim=1) for t in (k, v))                    # grouped KV heads
     causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
     probabilities = ((q @ k.transpose(-1, -2)) * d ** -0.5).masked_fill(~causal, float("-inf")).softmax(-1)

@@ -185,6 +185,16 @@ def test_softmax_attention_map_matches_the_attention_layer(model, input_ids):
         softmax_attention_map(model, input_ids, layer=1, head=4)
 
 
+def test_softmax_attention_map_reads_through_the_attention_conv(input_ids):
+    model = tiny_model(attn_conv_size=3)
+    attn = model.model.layers[1].attn
+    with torch.no_grad():  # a trained conv: far from its identity init, so skipping it would show
+        for conv in (attn.q_conv1d, attn.k_conv1d, attn.v_conv1d):
+            conv.weight.normal_()
+    P = softmax_attention_map(model, input_ids, layer=1, head=2)
+    assert torch.allclose(P.sum(-1), torch.ones(T))
+
+
 def test_softmax_attention_map_guard_can_fail(input_ids):
     model = tiny_model()
     attn = model.model.layers[1].attn
