@@ -87,3 +87,18 @@ def test_hybrids_smoke_trains_the_grid_and_seeds(hybrids, tmp_path):
     saved = json.loads((tmp_path / "h.json").read_text())
     assert saved["results"]["comparison"]["seed_order"] == ["gdn", "transformer"]
     assert saved["config"]["learning_rates"] == smoke["learning_rates"]
+
+
+def test_cpu_train_step_compares_the_same_model_on_two_recurrences(monkeypatch, tmp_path):
+    from gdn_lab import ops
+
+    cpu_step = load_benchmark("cpu_train_step")
+    monkeypatch.setattr(ops, "chunk_gated_delta_rule", ops.chunk_gated_delta_rule)  # restored after the swap
+    small = ["--steps", "2", "--warmup", "0", "--seq-len", "70", "--batch-size", "2", "--threads", "1"]
+    ours = cpu_step.main([*small, "--recurrence", "gdn_lab", "--out", str(tmp_path / "ours.json")])
+    assert ops.chunk_gated_delta_rule is not cpu_step.fla_naive_chunk
+    naive = cpu_step.main([*small, "--recurrence", "fla-naive"])
+    assert ops.chunk_gated_delta_rule is cpu_step.fla_naive_chunk
+    # the same weights and batch through two implementations of one recurrence: the same losses
+    assert naive["last_loss"] == pytest.approx(ours["last_loss"], rel=1e-4)
+    assert ours["tokens_per_second"] > 0 and json.loads((tmp_path / "ours.json").read_text())["results"] == ours
