@@ -13,14 +13,20 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import math
+import numbers
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-MIXERS = ("gdn", "attn")
 BACKENDS = ("auto", "fla", "torch")
 HYBRID_PATTERNS = ("gdn", "transformer", "sparse", "alternating", "late")
+# The mixers other than Gated DeltaNet and the ModelConfig field that places each (indices or a pattern
+# name, as `hybrid_layers` reads it); every other layer is 'gdn'. Their classes: `gdn_lab.layers.MIXERS`.
+MIXER_LAYER_FIELDS = {"attn": "attn_layers", "swa": "swa_layers"}
 
 
 class ConfigError(ValueError):
@@ -39,6 +45,53 @@ def parse_literal(text: str) -> Any:
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether `value` fits the type annotation `hint`: an int field takes integers (not bools),
+    a float field any finite real number, a tuple field a tuple or list of its items, `X | None` None too."""
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        return any(_fits(value, arm) for arm in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if typing.get_origin(hint) is tuple:
+        return isinstance(value, tuple | list) and all(_fits(item, typing.get_args(hint)[0]) for item in value)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        return " or ".join(_describe(arm) for arm in typing.get_args(hint))
+    names = {type(None): "None", bool: "True or False", int: "an integer", float: "a finite number",
+             str: "a string"}
+    if typing.get_origin(hint) is tuple:
+        return f"a tuple of {_describe(typing.get_args(hint)[0]).removeprefix('an ').removeprefix('a ')}s"
+    return names.get(hint, str(hint))
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def check_field(cls: type, name: str, value: Any) -> None:
+    """ConfigError (one line) unless `value` fits the annotation of dataclass `cls`'s field `name`:
+    `check_field(ModelConfig, "num_heads", 2.5)` -> "num_heads=2.5: ModelConfig.num_heads takes an integer"."""
+    hint = _field_types(cls)[name]
+    _require(_fits(value, hint), f"{name}={value!r}: {cls.__name__}.{name} takes {_describe(hint)}")
+
+
+def _check_fields(config: Any) -> None:
+    for item in dataclasses.fields(config):
+        check_field(type(config), item.name, getattr(config, item.name))
 
 
 def evenly_spaced_layers(num_attn: int, num_layers: int) -> tuple[int, ...]:
@@ -91,13 +144,17 @@ def hybrid_layers(pattern: str, num_layers: int) -> tuple[int, ...]:
 
 @dataclass
 class ModelConfig:
-    """A causal LM over a per-layer mixer list ('gdn' or 'attn' per layer).
+    """A causal LM over a per-layer mixer list ('gdn', 'attn' or 'swa' per layer: `mixers`).
 
     GDN fields follow `fla.layers.GatedDeltaNet` (flash-linear-attention 0.6.0): per head the
     key dim is `head_dim` and the value dim `head_dim * expand_v`; the recurrent state of one
     layer is `num_heads x head_dim x head_dim*expand_v` per sequence.
-    `attn_layers` takes indices or a pattern name (see `hybrid_layers`), resolved to indices.
+    `attn_layers` takes indices or a pattern name (see `hybrid_layers`), resolved to indices;
+    `swa_layers` the same for sliding-window attention (each query sees the last `swa_window`
+    tokens, itself included); a layer in neither is Gated DeltaNet, a layer in both is an error.
     `use_decay=False` is the DeltaNet ablation (alpha_t = 1: no forgetting gate).
+    `fixed_beta`: the write strength beta_t held at this constant instead of sigmoid(x W_b) (the
+    "beta fixed, not learned" ablation; the layer then has no b_proj); None learns it.
     `dt_min`, `dt_max`: the decay init range: per head dt ~ log-uniform in [dt_min, dt_max],
     dt_bias = softplus^-1(dt) (FLA's [1e-3, 0.1] by default; [1e-4, 1e-3] starts with slower decay).
     `attn_conv_size` > 0 puts a causal depthwise conv of that width on the attention mixer's
@@ -109,6 +166,7 @@ class ModelConfig:
     hidden_size: int = 128
     num_layers: int = 4
     attn_layers: tuple[int, ...] | str = ()
+    swa_layers: tuple[int, ...] | str = ()
     # Gated DeltaNet mixer
     num_heads: int = 4
     head_dim: int = 32
@@ -120,12 +178,14 @@ class ModelConfig:
     use_decay: bool = True
     dt_min: float = 1e-3
     dt_max: float = 0.1
-    # softmax attention mixer (SDPA + RoPE)
+    fixed_beta: float | None = None
+    # softmax attention mixers (SDPA + RoPE): full causal ('attn') and sliding-window ('swa')
     attn_num_heads: int = 4
     attn_num_kv_heads: int | None = None
     rope_theta: float = 10000.0
     attn_conv_size: int = 0
     max_position_embeddings: int = 2048
+    swa_window: int = 256
     # MLP (SwiGLU) and the rest
     hidden_ratio: int = 4
     intermediate_size: int | None = None
@@ -135,21 +195,38 @@ class ModelConfig:
     backend: str = "auto"
 
     def __post_init__(self):
-        if isinstance(self.attn_layers, str):
-            self.attn_layers = hybrid_layers(self.attn_layers, self.num_layers)
-        self.attn_layers = tuple(sorted(int(i) for i in self.attn_layers))
+        _check_fields(self)
+        for name in MIXER_LAYER_FIELDS.values():
+            layers = getattr(self, name)
+            if isinstance(layers, str):
+                layers = hybrid_layers(layers, self.num_layers)
+            setattr(self, name, tuple(sorted(int(i) for i in layers)))
         _require(self.vocab_size > 0, f"vocab_size must be positive, got {self.vocab_size}")
         _require(self.hidden_size > 0 and self.num_layers > 0,
                  f"hidden_size and num_layers must be positive, got {self.hidden_size}, {self.num_layers}")
-        bad = [i for i in self.attn_layers if not 0 <= i < self.num_layers]
-        _require(not bad, f"attn_layers {bad} out of range for num_layers={self.num_layers}; "
-                          f"use indices 0..{self.num_layers - 1}")
-        _require(len(set(self.attn_layers)) == len(self.attn_layers),
-                 f"attn_layers has duplicates: {self.attn_layers}")
+        for name in MIXER_LAYER_FIELDS.values():
+            layers = getattr(self, name)
+            bad = [i for i in layers if not 0 <= i < self.num_layers]
+            _require(not bad, f"{name} {bad} out of range for num_layers={self.num_layers}; "
+                              f"use indices 0..{self.num_layers - 1}")
+            _require(len(set(layers)) == len(layers), f"{name} has duplicates: {layers}")
+        shared = sorted(set(self.attn_layers) & set(self.swa_layers))
+        _require(not shared, f"attn_layers and swa_layers both name layers {shared}; a layer has one mixer: "
+                             f"take them out of one of the two")
+        _require(self.swa_window >= 1, f"swa_window={self.swa_window}; use a window of >= 1 tokens "
+                                       f"(the query itself and swa_window - 1 before it)")
         _require(self.backend in BACKENDS, f"backend={self.backend!r}; use one of {BACKENDS}")
+        for name in ("num_heads", "head_dim", "attn_num_heads", "max_position_embeddings", "hidden_ratio"):
+            _require(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)!r}")
+        for name in ("attn_num_kv_heads", "intermediate_size"):
+            value = getattr(self, name)
+            _require(value is None or value > 0, f"{name} must be positive or None, got {value!r}")
+        for name in ("expand_v", "rope_theta", "norm_eps"):
+            _require(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)!r}")
+        _require(self.initializer_range >= 0, f"initializer_range must be >= 0, got {self.initializer_range!r}")
+        _require(self.attn_conv_size == 0 or self.attn_conv_size >= 2,
+                 f"attn_conv_size={self.attn_conv_size}; use 0 (no conv) or a kernel width >= 2")
         if self.num_gdn_layers:
-            _require(self.num_heads > 0 and self.head_dim > 0,
-                     f"num_heads and head_dim must be positive, got {self.num_heads} x {self.head_dim}")
             v = self.head_dim * self.expand_v
             _require(math.isclose(v, round(v)),
                      f"head_dim * expand_v = {self.head_dim} * {self.expand_v} = {v} is not an integer; "
@@ -158,7 +235,11 @@ class ModelConfig:
                      f"conv_size={self.conv_size}; use >= 2 or use_short_conv=False")
             _require(0 < self.dt_min <= self.dt_max,
                      f"dt_min={self.dt_min}, dt_max={self.dt_max}; use 0 < dt_min <= dt_max (FLA: 1e-3, 0.1)")
-        if self.num_attn_layers:
+            top = 2 if self.allow_neg_eigval else 1
+            _require(self.fixed_beta is None or 0 < self.fixed_beta <= top,
+                     f"fixed_beta={self.fixed_beta}; use a value in (0, {top}] (beta's range"
+                     f"{' with allow_neg_eigval' if self.allow_neg_eigval else ''}) or None to learn beta")
+        if self.num_attn_layers or self.num_swa_layers:
             _require(self.hidden_size % self.attn_num_heads == 0,
                      f"hidden_size={self.hidden_size} is not divisible by attn_num_heads={self.attn_num_heads}; "
                      f"pick attn_num_heads from {[h for h in (1, 2, 4, 8, 12, 16) if self.hidden_size % h == 0]}")
@@ -167,25 +248,35 @@ class ModelConfig:
                      f"attn_num_heads={self.attn_num_heads} is not divisible by attn_num_kv_heads={kv}")
             _require((self.hidden_size // self.attn_num_heads) % 2 == 0,
                      f"attention head dim {self.hidden_size // self.attn_num_heads} must be even for RoPE")
-            _require(self.attn_conv_size == 0 or self.attn_conv_size >= 2,
-                     f"attn_conv_size={self.attn_conv_size}; use 0 (no conv) or a kernel width >= 2")
 
     @property
     def mixers(self) -> tuple[str, ...]:
-        """Per-layer mixer names, e.g. ('gdn', 'gdn', 'attn', 'gdn')."""
-        return tuple("attn" if i in self.attn_layers else "gdn" for i in range(self.num_layers))
+        """Per-layer mixer names, e.g. ('gdn', 'swa', 'attn', 'gdn'): each `MIXER_LAYER_FIELDS` field's
+        mixer at its layers, 'gdn' elsewhere."""
+        names = ["gdn"] * self.num_layers
+        for mixer, field_name in MIXER_LAYER_FIELDS.items():
+            for i in getattr(self, field_name):
+                names[i] = mixer
+        return tuple(names)
 
     @property
     def num_attn_layers(self) -> int:
+        """Full causal attention layers."""
         return len(self.attn_layers)
 
     @property
+    def num_swa_layers(self) -> int:
+        """Sliding-window attention layers."""
+        return len(self.swa_layers)
+
+    @property
     def num_gdn_layers(self) -> int:
-        return self.num_layers - len(self.attn_layers)
+        return self.num_layers - len(self.attn_layers) - len(self.swa_layers)
 
     @property
     def attention_ratio(self) -> float:
-        return len(self.attn_layers) / self.num_layers
+        """The share of softmax attention layers, full and sliding-window alike."""
+        return (len(self.attn_layers) + len(self.swa_layers)) / self.num_layers
 
     @property
     def head_v_dim(self) -> int:
@@ -242,7 +333,8 @@ class TrainConfig:
     stop_at_val_acc: float | None = None
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches"):
+        _check_fields(self)
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_every"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
         _require(self.lr > 0, f"lr must be positive, got {self.lr}")
@@ -250,6 +342,12 @@ class TrainConfig:
         _require(0 <= self.warmup_steps < self.steps or self.steps == 1,
                  f"warmup_steps={self.warmup_steps} must be below steps={self.steps}")
         _require(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
+        _require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1,
+                 f"beta1={self.beta1}, beta2={self.beta2}; AdamW's betas must be in [0, 1)")
+        for name in ("eval_every", "save_every"):
+            _require(getattr(self, name) >= 0, f"{name} must be >= 0 (0: never), got {getattr(self, name)}")
+        _require(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
         _require(self.batch_size % self.grad_accum == 0,
                  f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
         _require(self.dtype in ("auto", "float32", "bfloat16", "float16"),

@@ -22,10 +22,20 @@ def in_colab() -> bool:
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    """'auto' -> cuda when available, else cpu; any other string is passed to torch.device."""
+    """'auto' -> cuda when available, else cpu; any other string is passed to torch.device.
+    BackendError (one line) for a string that names no device, or CUDA where there is none."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        picked = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise BackendError(f"device={device!r} names no device; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if picked.type == "cuda" and not torch.cuda.is_available():
+        where = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise BackendError(f"device={device!r} but {where} (torch {torch.__version__}); use device='cpu' or 'auto'")
+    if picked.type == "cuda" and picked.index is not None and picked.index >= torch.cuda.device_count():
+        raise BackendError(f"device={device!r} but only {torch.cuda.device_count()} CUDA GPUs are visible")
+    return picked
 
 
 def pick_dtype(device: torch.device | str, dtype: str = "auto") -> torch.dtype:

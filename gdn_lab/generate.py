@@ -3,7 +3,8 @@
 `generate` prefills the prompts (the chunked kernels; on the fla backend FLA's chunk kernel)
 and then decodes one token at a time through the model's `Cache`: a GDN layer carries its conv
 window [B, C, W-1] and its state S [B, H, K, V], so a decode step costs the same at token 10
-and at token 100,000; an attention layer carries its KV cache, which grows with the context.
+and at token 100,000; an attention layer carries its KV cache, which grows with the context; a
+sliding-window attention layer a ring buffer of its last `swa_window` tokens, which does not.
 
     >>> model = build_model("tiny", vocab_size=256)
     >>> generate(model, [[72, 105], [84, 104, 101]], max_new_tokens=4, temperature=0)
@@ -169,7 +170,8 @@ class CapturedDecoder:
     layer conv [B, C, W-1] and state [B, H, K, V] fp32; per attention layer k, v
     [B, Hkv, max_len, hd], valid [B, max_len], its conv window [B, C, W-1] (width 0 without
     `attn_conv_size`), and the fill level and RoPE positions as tensors, so the step works at
-    any position < max_len), the input `tokens` [B] and the output `logits` [B, vocab] fp32.
+    any position < max_len; per sliding-window layer the same with a ring of `swa_window` slots in
+    place of max_len), the input `tokens` [B] and the output `logits` [B, vocab] fp32.
     The layers update these in place under no_grad.
 
     `prefill(input_ids, attention_mask)` resets the buffers and runs the prompt eagerly with

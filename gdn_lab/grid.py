@@ -24,6 +24,7 @@ the training and validation streams: the spread over seeds covers both.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -100,10 +101,15 @@ def check_run_dir(run_dir: str | pathlib.Path, config: ModelConfig, train_config
     wanted = json.loads(json.dumps({"model": config.to_dict(), "train": train_config.to_dict(), "data": describe},
                                    default=str))
     saved = load_json(saved_path)
+    # a field added since the run was saved held its default there
+    defaults = {section: json.loads(json.dumps({item.name: item.default for item in dataclasses.fields(cls)
+                                                if item.default is not dataclasses.MISSING}))
+                for section, cls in (("model", ModelConfig), ("train", TrainConfig))}
     for section in ("model", "train", "data"):
         old, new = saved.get(section), wanted.get(section)
         if old is None or new is None:  # a run directory made without data settings (or data without them)
             continue
+        old = {**defaults.get(section, {}), **old}
         for key in sorted(set(old) | set(new)):
             if key not in RUN_INDEPENDENT.get(section, ()) and old.get(key) != new.get(key):
                 raise ConfigError(f"{run_dir} holds a run with {section} {key}={old.get(key)!r}, not {new.get(key)!r}; "

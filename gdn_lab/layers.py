@@ -1,4 +1,10 @@
-"""Layers: the Gated DeltaNet mixer, softmax attention, the SwiGLU MLP and the pre-norm block.
+"""Layers: the token mixers (Gated DeltaNet, softmax attention, sliding-window attention), the
+SwiGLU MLP and the pre-norm block.
+
+Mixers. `MIXERS` maps each name `ModelConfig.mixers` uses ('gdn', 'attn', 'swa') to its class;
+every class builds itself from the config (`from_config`, see `FromConfig`) and makes its empty
+decoding state (`empty_state`), so `Block` knows no mixer by name and a new mixer is one class
+and one entry here (plus the config field that places it: `config.MIXER_LAYER_FIELDS`).
 
 `GatedDeltaNet` carries exactly the parameters of `fla.layers.GatedDeltaNet` (FLA 0.6.0), so a
 state_dict moves between the two. It runs on one of two backends:
@@ -20,6 +26,8 @@ backward through several calls works. Either way the same object comes back.
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -33,6 +41,33 @@ from .env import BackendError, check_training_backend, resolve_backend
 from .stacked import stacked_linear
 
 L2NORM_EPS = 1e-6  # FLA's l2norm epsilon (fla.modules.l2norm), used for q and k
+
+
+class FromConfig:
+    """`cls.from_config(config, layer_idx)`: the module a `ModelConfig` describes.
+
+    Every constructor argument named like a ModelConfig field takes that field's value, and
+    `CONFIG_FIELDS` maps the arguments whose field has another name (attention's `num_heads` is
+    `attn_num_heads`). A new option is therefore a config field and a constructor argument of the
+    same name, nothing copied by hand. Arguments with no field keep their defaults.
+    """
+
+    CONFIG_FIELDS: dict[str, str] = {}
+
+    @classmethod
+    def config_arguments(cls, config: ModelConfig) -> dict:
+        """The constructor's keyword arguments taken from `config` (layer_idx aside)."""
+        fields = {item.name for item in dataclasses.fields(config)}
+        arguments = {}
+        for name in inspect.signature(cls).parameters:
+            source = cls.CONFIG_FIELDS.get(name, name)
+            if source in fields and name != "layer_idx":
+                arguments[name] = getattr(config, source)
+        return arguments
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, layer_idx: int | None = None):
+        return cls(**cls.config_arguments(config), layer_idx=layer_idx)
 
 
 class KernelBackend:
@@ -123,17 +158,17 @@ class GDNProjections:
     """The six input projections of x (`GatedDeltaNet.project`).
 
     q, k [B, T, key_dim], v [B, T, value_dim] (x W_q, x W_k, x W_v; zero at masked steps),
-    a [B, T, H] (x W_a; None without decay), b [B, T, H] (x W_b), gate [B, T, H, V] (x W_g;
-    None without use_gate). All in the matmul's dtype; no activation applied yet. From one matmul
-    they are views into its output (`joint_qkv` holds q, k and v side by side); from `separate`
-    GEMMs, q, k, v and gate are contiguous tensors of their own.
+    a [B, T, H] (x W_a; None without decay), b [B, T, H] (x W_b; None with a fixed beta),
+    gate [B, T, H, V] (x W_g; None without use_gate). All in the matmul's dtype; no activation
+    applied yet. From one matmul they are views into its output (`joint_qkv` holds q, k and v
+    side by side); from `separate` GEMMs, q, k, v and gate are contiguous tensors of their own.
     """
 
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
     a: torch.Tensor | None
-    b: torch.Tensor
+    b: torch.Tensor | None
     gate: torch.Tensor | None
     joint_qkv: torch.Tensor | None = None  # the one tensor q, k, v are views of, when they are
 
@@ -163,17 +198,18 @@ class GDNState:
         self.recurrent = _assign(self.recurrent, recurrent)
 
 
-class GatedDeltaNet(KernelBackend, nn.Module):
+class GatedDeltaNet(FromConfig, KernelBackend, nn.Module):
     """Gated DeltaNet token mixer with `fla.layers.GatedDeltaNet`'s parameters (FLA 0.6.0).
 
     Per head (K = head_dim, V = head_dim * expand_v), for x [B, T, D]:
         q, k, v = SiLU(causal depthwise conv(x W_q, x W_k, x W_v)); q, k L2-normalised
-        beta = sigmoid(x W_b)  (x2 with allow_neg_eigval)
+        beta = sigmoid(x W_b)  (x2 with allow_neg_eigval; the constant fixed_beta when set)
         g = -exp(A_log) * softplus(x W_a + dt_bias)   (g = 0 with use_decay=False)
         o = gated delta rule(q, k, v, g, beta)        (gdn_lab.ops or FLA's kernels)
         y = o_proj(RMSNorm(o) * SiLU(x W_g))          (plain RMSNorm with use_gate=False)
 
-    `use_decay=False` is the DeltaNet ablation: no a_proj, A_log or dt_bias. `dt_min`, `dt_max`:
+    `use_decay=False` is the DeltaNet ablation: no a_proj, A_log or dt_bias. `fixed_beta` holds
+    beta at that constant (the ablation of a learned write strength): no b_proj. `dt_min`, `dt_max`:
     the range of the decay init (`reset_decay_parameters`). Grouped value heads (FLA's
     num_v_heads > num_heads) are not supported: value heads = num_heads.
 
@@ -195,6 +231,7 @@ class GatedDeltaNet(KernelBackend, nn.Module):
         use_decay: bool = True,
         dt_min: float = 1e-3,
         dt_max: float = 0.1,
+        fixed_beta: float | None = None,
         norm_eps: float = 1e-5,
         backend: str = "auto",
         layer_idx: int | None = None,
@@ -208,13 +245,16 @@ class GatedDeltaNet(KernelBackend, nn.Module):
             raise ConfigError(f"conv_size={conv_size}; use >= 2 or use_short_conv=False")
         if not 0 < dt_min <= dt_max:
             raise ConfigError(f"dt_min={dt_min}, dt_max={dt_max}; use 0 < dt_min <= dt_max (FLA: 1e-3, 0.1)")
+        if fixed_beta is not None and not 0 < fixed_beta <= (2 if allow_neg_eigval else 1):
+            raise ConfigError(f"fixed_beta={fixed_beta}; use a value in (0, {2 if allow_neg_eigval else 1}] "
+                              f"or None to learn beta")
         self._init_backend(backend)
         self.hidden_size, self.num_heads, self.expand_v = hidden_size, num_heads, expand_v
         self.head_k_dim, self.head_v_dim = head_dim, int(round(head_v_dim))
         self.key_dim, self.value_dim = num_heads * head_dim, num_heads * self.head_v_dim
         self.use_gate, self.use_short_conv, self.use_decay = use_gate, use_short_conv, use_decay
         self.allow_neg_eigval, self.conv_size, self.conv_bias = allow_neg_eigval, conv_size, conv_bias
-        self.dt_min, self.dt_max = dt_min, dt_max
+        self.dt_min, self.dt_max, self.fixed_beta = dt_min, dt_max, fixed_beta
         self.layer_idx = layer_idx
         self._training_backend_checked = False
 
@@ -223,7 +263,8 @@ class GatedDeltaNet(KernelBackend, nn.Module):
         self.v_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
         if use_decay:  # registered in FLA's order (a_proj, b_proj, A_log, dt_bias): same state_dict key order
             self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
-        self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
+        if fixed_beta is None:  # a fixed beta has nothing to learn: no b_proj
+            self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
         if use_decay:
             self.A_log = nn.Parameter(torch.empty(num_heads))
             self.dt_bias = nn.Parameter(torch.empty(num_heads))
@@ -256,9 +297,10 @@ class GatedDeltaNet(KernelBackend, nn.Module):
         return 2 * self.key_dim + self.value_dim
 
     def empty_state(self, batch_size: int, device: torch.device | str | None = None,
-                    dtype: torch.dtype | None = None) -> GDNState:
+                    dtype: torch.dtype | None = None, max_len: int | None = None) -> GDNState:
         """A zero state: conv [B, 2*key_dim + value_dim, conv_size - 1] in `dtype` (the layer's
-        by default), recurrent [B, H, K, V] fp32, on `device` (the layer's by default)."""
+        by default), recurrent [B, H, K, V] fp32, on `device` (the layer's by default). Its size
+        does not depend on the context: `max_len` (the mixers' common signature) is not used."""
         weight = self.q_proj.weight
         device, dtype = device or weight.device, dtype or weight.dtype
         width = self.conv_size - 1 if self.use_short_conv else 0
@@ -282,16 +324,19 @@ class GatedDeltaNet(KernelBackend, nn.Module):
         mask [B, T] bool zeroes q, k, v at padded steps (padded steps feed zeros to the conv:
         left padding is exact)."""
         H = self.num_heads
-        gate_inputs = [self.a_proj, self.b_proj] if self.use_decay else [self.b_proj]
+        learned_beta = self.fixed_beta is None
+        gate_inputs = ([self.a_proj] if self.use_decay else []) + ([self.b_proj] if learned_beta else [])
         qkv_linears = [self.q_proj, self.k_proj, self.v_proj]
         groups = [[linear] for linear in qkv_linears] if separate else [qkv_linears]
-        groups.append(gate_inputs)
+        if gate_inputs:
+            groups.append(gate_inputs)
         if self.use_gate:
             groups.append([self.g_proj])
         outputs = list(stacked_linear(x, groups, separate=separate))
         gate = outputs.pop().unflatten(-1, (H, self.head_v_dim)) if self.use_gate else None
-        ab = outputs.pop()
-        a, b = ab.split(H, dim=-1) if self.use_decay else (None, ab)
+        ab = outputs.pop() if gate_inputs else None
+        a = ab[..., :H] if self.use_decay else None
+        b = ab[..., -H:] if learned_beta else None
         if mask is not None:  # outputs: [q, k, v] or [qkv]
             outputs = [z * mask[..., None].to(z.dtype) for z in outputs]
         joint = None if separate else outputs[0]
@@ -311,7 +356,7 @@ class GatedDeltaNet(KernelBackend, nn.Module):
     def gates(self, p: GDNProjections) -> tuple[torch.Tensor, torch.Tensor]:
         """(g, beta), both [B, T, H], from the projections `p`: log-decay
         g = -exp(A_log) softplus(x W_a + dt_bias) (zeros without decay; alpha = exp(g)) and write
-        strength beta = sigmoid(x W_b) (x2 with allow_neg_eigval).
+        strength beta = sigmoid(x W_b) (x2 with allow_neg_eigval; `fixed_beta` everywhere when set).
 
         The hook for a new gate formula, on both backends. Override it in a subclass, or on one layer
         `layer.gates = types.MethodType(my_gates, layer)` with `my_gates(layer, p) -> (g, beta)`; the
@@ -321,9 +366,13 @@ class GatedDeltaNet(KernelBackend, nn.Module):
         this method against FLA's reference): edit the formula through the hook, not here. The
         caller casts to fp32 and zeroes padded steps; g must stay <= 0 for a decay in (0, 1].
         """
-        beta = torch.sigmoid(p.b.float())
-        if self.allow_neg_eigval:
-            beta = beta * 2
+        if self.fixed_beta is not None:
+            B, T = p.q.shape[:2]
+            beta = torch.full((B, T, self.num_heads), self.fixed_beta, dtype=torch.float32, device=p.q.device)
+        else:
+            beta = torch.sigmoid(p.b.float())
+            if self.allow_neg_eigval:
+                beta = beta * 2
         if self.use_decay:
             g = -self.A_log.float().exp() * F.softplus(p.a.float() + self.dt_bias.float())
         else:
@@ -335,8 +384,9 @@ class GatedDeltaNet(KernelBackend, nn.Module):
         """True when `gates()` is not FLA's formula, so the fla backend passes the kernels its g and beta
         (not the raw inputs with FLA's in-kernel gate): `gates` is not `GatedDeltaNet.gates` (a
         subclass overrides it, or it was set on this layer). A gate variant switched on by a
-        constructor flag adds its flag here (tests/test_layers.py, GATE_VARIANTS, checks it)."""
-        return self._overridden("gates")
+        constructor flag adds its flag here (tests/test_layers.py, GATE_VARIANTS, checks it), as
+        `fixed_beta` does: FLA's kernels have no constant-beta mode, so they get the computed beta."""
+        return self._overridden("gates") or self.fixed_beta is not None
 
     def _overridden(self, name: str) -> bool:
         """True when method `name` is not GatedDeltaNet's own: a subclass's, or one set on this layer."""
@@ -494,7 +544,7 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> 
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
-class Attention(nn.Module):
+class Attention(FromConfig, nn.Module):
     """Llama-style causal softmax attention: RoPE, grouped KV heads, SDPA.
 
     Parameter names follow `fla.layers.Attention` (q_proj, k_proj, v_proj, o_proj, no biases),
@@ -502,8 +552,11 @@ class Attention(nn.Module):
     `conv_size` >= 2 adds a causal depthwise conv of that width on q, k and v after their
     projections, before RoPE (q_conv1d, k_conv1d, v_conv1d, no bias, no activation; the
     "attention with short conv" of zoology's MQAR baselines), initialised to the identity;
-    0 (the default) has none, and FLA's parameters.
+    0 (the default) has none, and FLA's parameters. `from_config` takes attn_num_heads,
+    attn_num_kv_heads, rope_theta and attn_conv_size.
     """
+
+    CONFIG_FIELDS = {"num_heads": "attn_num_heads", "num_kv_heads": "attn_num_kv_heads", "conv_size": "attn_conv_size"}
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None,
                  rope_theta: float = 1e4, conv_size: int = 0, layer_idx: int | None = None):
@@ -643,6 +696,120 @@ class Attention(nn.Module):
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1)), state
 
 
+@dataclass
+class WindowKVState:
+    """Decoding state of one sliding-window attention layer: a ring buffer of the last `window` tokens.
+
+    k, v [B, Hkv, window, head_dim]; key_position [B, window] long (the RoPE position of the token
+    in each slot); valid [B, window] bool (False at empty slots and padding); length [] long (tokens
+    written: the next one goes to slot length % window, the same for every sequence); position [B]
+    long (RoPE position of each sequence's next token); conv [B, hidden + 2*Hkv*head_dim, W - 1]:
+    the short conv's last inputs (width 0 without one). Its size is fixed by the window, not the
+    context, so memory stays constant and the buffers never move (a CUDA graph replays on them):
+    a write lands in place under no_grad, and rebinds k and v to new tensors with autograd on.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    key_position: torch.Tensor
+    valid: torch.Tensor
+    length: torch.Tensor
+    position: torch.Tensor
+    conv: torch.Tensor
+
+
+class SlidingWindowAttention(Attention):
+    """Causal softmax attention in which each query sees the last `window` tokens, itself included:
+    key i is visible to query t when t - window < i <= t (in token positions, so left padding
+    does not count). Everything else is `Attention`'s: parameters, RoPE, grouped KV heads, the
+    optional short conv (`conv_size`), SDPA. `window` >= the sequence length is plain attention,
+    the very same kernel call. Decoding keeps a ring buffer of the last `window` tokens
+    (`WindowKVState`): constant memory however long the context. `from_config` adds swa_window to
+    Attention's fields.
+    """
+
+    CONFIG_FIELDS = {**Attention.CONFIG_FIELDS, "window": "swa_window"}
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None,
+                 rope_theta: float = 1e4, conv_size: int = 0, window: int = 256, layer_idx: int | None = None):
+        super().__init__(hidden_size, num_heads, num_kv_heads, rope_theta=rope_theta, conv_size=conv_size,
+                         layer_idx=layer_idx)
+        if window < 1:
+            raise ConfigError(f"sliding-window attention window={window}; use a window of >= 1 tokens")
+        self.window = window
+
+    def empty_state(self, batch_size: int, max_len: int | None = None, device: torch.device | str | None = None,
+                    dtype: torch.dtype | None = None) -> WindowKVState:
+        """An empty ring buffer of `window` slots ([B, Hkv, window, head_dim]) and a zero conv window;
+        `max_len` does not change its size."""
+        weight = self.k_proj.weight
+        device, dtype = device or weight.device, dtype or weight.dtype
+        shape = (batch_size, self.num_kv_heads, self.window, self.head_dim)
+        conv_width = self.conv_size - 1 if self.conv_size else 0
+        return WindowKVState(k=torch.zeros(shape, device=device, dtype=dtype),
+                             v=torch.zeros(shape, device=device, dtype=dtype),
+                             key_position=torch.zeros(batch_size, self.window, device=device, dtype=torch.long),
+                             valid=torch.zeros(batch_size, self.window, device=device, dtype=torch.bool),
+                             length=torch.zeros((), device=device, dtype=torch.long),
+                             position=torch.zeros(batch_size, device=device, dtype=torch.long),
+                             conv=torch.zeros(batch_size, self.conv_dim, conv_width, device=device, dtype=dtype))
+
+    def _remember(self, state: WindowKVState, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                  valid: torch.Tensor) -> None:
+        """Write the last min(T, window) of k, v [B, Hkv, T, hd], positions [B, T] and valid [B, T]
+        into the ring at slots (length + ...) % window; length += T."""
+        T = k.shape[2]
+        n = min(T, self.window)
+        slots = (state.length + (T - n) + torch.arange(n, device=k.device)) % self.window
+        k, v = k[:, :, -n:].to(state.k.dtype), v[:, :, -n:].to(state.v.dtype)
+        if torch.is_grad_enabled():
+            state.k, state.v = state.k.index_copy(2, slots, k), state.v.index_copy(2, slots, v)
+        else:
+            state.k.index_copy_(2, slots, k)
+            state.v.index_copy_(2, slots, v)
+        state.key_position.index_copy_(1, slots, positions[:, -n:])
+        state.valid.index_copy_(1, slots, valid[:, -n:])
+        state.length += T
+
+    def forward(self, x: torch.Tensor, state: WindowKVState | None = None,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, WindowKVState | None]:
+        """x [B, T, D] -> (y [B, T, D], state), as `Attention.forward`, each query restricted to the
+        last `window` positions. With a state, the queries see the ring's tokens and the new ones;
+        the ring then keeps the last `window` of them (updated in place)."""
+        B, T, _ = x.shape
+        if state is None and mask is None and T <= self.window:
+            return super().forward(x)
+        if mask is not None:
+            mask = mask.to(device=x.device, dtype=torch.bool)
+        q, k, v = self.project(x, state, mask)
+        steps = torch.arange(T, device=x.device) if mask is None else (mask.long().cumsum(1) - 1).clamp(min=0)
+        positions = steps if state is None else state.position[:, None] + steps        # [T] or [B, T]
+        q, k = rotary(q, positions, self.inv_freq), rotary(k, positions, self.inv_freq)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        new_valid = mask if mask is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
+        if state is None:
+            keys, values, key_positions, key_valid, held = k, v, positions, mask, 0
+        else:  # the ring's slots first (all earlier than the new tokens, in any order), then the new tokens
+            keys, values = torch.cat([state.k, k.to(state.k.dtype)], 2), torch.cat([state.v, v.to(state.v.dtype)], 2)
+            key_positions = torch.cat([state.key_position, positions], 1)
+            key_valid, held = torch.cat([state.valid, new_valid], 1), self.window
+        new_index = torch.arange(held + T, device=x.device) - held                 # < 0: a ring slot
+        query_index = torch.arange(T, device=x.device)
+        causal = new_index[None, :] <= query_index[:, None]                         # [T, S]
+        recent = positions[..., :, None] - key_positions[..., None, :] < self.window  # [T, S] or [B, T, S]
+        allowed = causal & recent
+        if key_valid is not None:
+            allowed = allowed & key_valid[:, None, :]
+        # a padded query may see no valid key: let every query see itself, so no row is empty
+        allowed = allowed | (new_index[None, :] == query_index[:, None])
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed[..., None, :, :] if allowed.dim() == 3
+                                           else allowed, enable_gqa=self.num_kv_heads != self.num_heads)
+        if state is not None:
+            self._remember(state, k, v, positions, new_valid)
+            state.position += T if mask is None else mask.sum(1)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1)), state
+
+
 class MLP(KernelBackend, nn.Module):
     """SwiGLU feed-forward, FLA's GatedMLP: down_proj(SiLU(gate_proj x) * up_proj x), with gate_proj
     and up_proj as one matmul (`stacked_linear`)."""
@@ -664,10 +831,16 @@ class MLP(KernelBackend, nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+MIXERS: dict[str, type[nn.Module]] = {"gdn": GatedDeltaNet, "attn": Attention, "swa": SlidingWindowAttention}
+"""The token mixers by the names `ModelConfig.mixers` uses. Each class has `from_config(config, layer_idx)`
+and `empty_state(batch_size, max_len=None, device=None, dtype=None)`, and its forward maps
+(x [B, T, D], state, mask [B, T]) to (y [B, T, D], state)."""
+
+
 class Block(KernelBackend, nn.Module):
     """Pre-norm residual block, named as FLA's GatedDeltaNetBlock (attn_norm, attn, mlp_norm, mlp):
-    x + attn(attn_norm(x)), then + mlp(mlp_norm(.)). `attn` is a GatedDeltaNet or an Attention,
-    as `config.mixers[layer_idx]` says. On the fla backend the norms run FLA's fused RMSNorm
+    x + attn(attn_norm(x)), then + mlp(mlp_norm(.)). `attn` is the mixer `config.mixers[layer_idx]`
+    names, built by its `MIXERS` class from the config. On the fla backend the norms run FLA's fused RMSNorm
     (residual add fused into mlp_norm) and the MLP FLA's fused SwiGLU; the parameters are the same."""
 
     def __init__(self, config: ModelConfig, layer_idx: int):
@@ -675,27 +848,17 @@ class Block(KernelBackend, nn.Module):
         self._init_backend(config.backend)
         self.layer_idx, self.mixer = layer_idx, config.mixers[layer_idx]
         self.attn_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
-        if self.mixer == "attn":
-            self.attn = Attention(config.hidden_size, config.attn_num_heads, config.attn_num_kv_heads,
-                                  rope_theta=config.rope_theta, conv_size=config.attn_conv_size, layer_idx=layer_idx)
-        else:
-            self.attn = GatedDeltaNet(
-                config.hidden_size, config.num_heads, config.head_dim, expand_v=config.expand_v,
-                use_gate=config.use_gate, use_short_conv=config.use_short_conv, conv_size=config.conv_size,
-                allow_neg_eigval=config.allow_neg_eigval, use_decay=config.use_decay, dt_min=config.dt_min,
-                dt_max=config.dt_max, norm_eps=config.norm_eps, backend=config.backend, layer_idx=layer_idx)
+        self.attn = MIXERS[self.mixer].from_config(config, layer_idx)
         self.mlp_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.mlp = MLP(config.hidden_size, config.mlp_intermediate_size, backend=config.backend)
 
     def empty_state(self, batch_size: int, max_len: int | None = None, device: torch.device | str | None = None,
-                    dtype: torch.dtype | None = None) -> GDNState | KVState:
-        """The mixer's empty decoding state (`max_len` only matters for attention)."""
-        if self.mixer == "attn":
-            return self.attn.empty_state(batch_size, max_len=max_len, device=device, dtype=dtype)
-        return self.attn.empty_state(batch_size, device=device, dtype=dtype)
+                    dtype: torch.dtype | None = None) -> GDNState | KVState | WindowKVState:
+        """The mixer's empty decoding state (`max_len` only matters for full attention's KV buffers)."""
+        return self.attn.empty_state(batch_size, max_len=max_len, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, state: GDNState | KVState | None = None,
-                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, GDNState | KVState | None]:
+    def forward(self, x: torch.Tensor, state: GDNState | KVState | WindowKVState | None = None,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, GDNState | KVState | WindowKVState | None]:
         """x [B, T, D] -> (x [B, T, D], state updated in place); mask [B, T] bool (False = padding)."""
         if self.kernel_backend(x.device) == "fla":
             from fla.modules.norm.layernorm import rms_norm

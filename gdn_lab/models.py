@@ -1,5 +1,5 @@
-"""The causal language model: embeddings, a stack of pre-norm blocks ('gdn' or 'attn' mixers per
-layer, from `ModelConfig.mixers`), a final RMSNorm and the LM head.
+"""The causal language model: embeddings, a stack of pre-norm blocks ('gdn', 'attn' or 'swa' mixers
+per layer, from `ModelConfig.mixers`; classes in `gdn_lab.layers.MIXERS`), a final RMSNorm and the LM head.
 
 Module names mirror FLA's `GatedDeltaNetForCausalLM` (model.embeddings, model.layers[i]
 with attn_norm / attn / mlp_norm / mlp, model.norm, lm_head), so a pure-GDN model's state_dict
@@ -21,31 +21,33 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import PRESETS, ConfigError, ModelConfig, get_preset
-from .layers import Attention, Block, GatedDeltaNet, GDNState, KernelBackend, KVState, RMSNorm
+from .layers import Attention, Block, GatedDeltaNet, GDNState, KernelBackend, KVState, RMSNorm, WindowKVState
 
 IGNORE_INDEX = -100
 
 
 @dataclass
 class Cache:
-    """Decoding state of a CausalLM: one GDNState or KVState per layer, and the token count.
+    """Decoding state of a CausalLM: one state per layer (GDNState, KVState of full attention,
+    WindowKVState of sliding-window attention), and the token count.
 
-    `max_len` (when given) is the size of the attention layers' preallocated KV buffers.
+    `max_len` (when given) is the size of the full attention layers' preallocated KV buffers (a
+    sliding window's ring buffer has its window's size whatever `max_len`).
     """
 
-    states: list[GDNState | KVState]
+    states: list[GDNState | KVState | WindowKVState]
     seen_tokens: int = 0
     max_len: int | None = None
 
     @property
     def has_attention(self) -> bool:
-        """Whether any layer keeps a KVState (an attention layer)."""
+        """Whether any layer keeps a KVState (a full attention layer: its cache grows with the context)."""
         return any(isinstance(state, KVState) for state in self.states)
 
     def __len__(self) -> int:
         return len(self.states)
 
-    def __getitem__(self, layer_idx: int) -> GDNState | KVState:
+    def __getitem__(self, layer_idx: int) -> GDNState | KVState | WindowKVState:
         return self.states[layer_idx]
 
 
@@ -75,7 +77,8 @@ class CausalLM(KernelBackend, nn.Module):
     def _init_weights(self, module: nn.Module) -> None:
         """FLA's `_init_weights`: N(0, initializer_range) for linear, conv and embedding weights,
         zero biases, FLA's A_log / dt_bias init for GDN layers, ones for norms. An attention
-        layer's short convs go back to the identity (`apply` visits a module after its children)."""
+        layer's short convs (sliding-window attention's too) go back to the identity (`apply`
+        visits a module after its children)."""
         std = self.config.initializer_range
         if isinstance(module, GatedDeltaNet) and module.use_decay:
             module.reset_decay_parameters()
@@ -179,8 +182,14 @@ def _fla_config(config: ModelConfig):
                           f"no short conv); export a model with attn_conv_size=0")
     if config.num_attn_layers:
         raise ConfigError(f"to_fla exports pure-GDN models; this one has attention layers {config.attn_layers}")
+    if config.num_swa_layers:
+        raise ConfigError(f"to_fla exports pure-GDN models; this one has sliding-window attention layers "
+                          f"{config.swa_layers}")
     if not config.use_decay:
         raise ConfigError("to_fla: FLA's GatedDeltaNet always has the decay gate; use_decay=False has no FLA twin")
+    if config.fixed_beta is not None:
+        raise ConfigError(f"to_fla: FLA's GatedDeltaNet always learns beta (b_proj); fixed_beta={config.fixed_beta} "
+                          f"has no FLA twin")
     return GatedDeltaNetConfig(
         hidden_size=config.hidden_size, expand_v=config.expand_v, use_gate=config.use_gate,
         use_short_conv=config.use_short_conv, allow_neg_eigval=config.allow_neg_eigval, conv_size=config.conv_size,
@@ -242,7 +251,7 @@ def count_params(config: ModelConfig) -> int:
     value_dim = config.num_heads * config.head_v_dim
     qkv_dim = 2 * config.num_heads * config.head_dim + value_dim
     gdn = (D * qkv_dim                                                      # q, k, v projections
-           + D * config.num_heads                                           # b_proj
+           + D * config.num_heads * (config.fixed_beta is None)               # b_proj
            + (D * config.num_heads + 2 * config.num_heads) * config.use_decay  # a_proj, A_log, dt_bias
            + qkv_dim * config.conv_size * config.use_short_conv              # q/k/v_conv1d
            + D * value_dim * config.use_gate                                # g_proj
@@ -251,7 +260,8 @@ def count_params(config: ModelConfig) -> int:
     kv_dim = (config.attn_num_kv_heads or config.attn_num_heads) * attn_head_dim
     attn = 2 * D * D + 2 * D * kv_dim + (D + 2 * kv_dim) * config.attn_conv_size   # q/k/v/o, q/k/v_conv1d
     per_block = 2 * D + 3 * D * hidden_mlp                                  # norms, MLP
-    mixers = config.num_gdn_layers * gdn + config.num_attn_layers * attn
+    per_mixer = {"gdn": gdn, "attn": attn, "swa": attn}                     # a window adds no parameters
+    mixers = sum(per_mixer[name] for name in config.mixers)
     embeddings = config.vocab_size * D * (1 if config.tie_embeddings else 2)
     return embeddings + D + config.num_layers * per_block + mixers
 

@@ -159,14 +159,16 @@ def _blocks(model) -> list:
     return list(model.model.layers)
 
 
-def _check_layers(model, layers: Sequence[int] | None, mixer: str) -> list[int]:
+def _check_layers(model, layers: Sequence[int] | None, kinds: tuple[str, ...]) -> list[int]:
+    """The layers (default: all) whose mixer is one of `kinds`; ConfigError naming those when another is asked for."""
     mixers = tuple(block.mixer for block in _blocks(model))
-    matching = [i for i, m in enumerate(mixers) if m == mixer]
+    matching = [i for i, m in enumerate(mixers) if m in kinds]
     if layers is None:
         return matching
-    wrong = [i for i in layers if not 0 <= i < len(mixers) or mixers[i] != mixer]
+    wrong = [i for i in layers if not 0 <= i < len(mixers) or mixers[i] not in kinds]
     if wrong:
-        raise ConfigError(f"layers {wrong} are not {mixer!r} layers of this model; its {mixer!r} layers are {matching}")
+        names = " or ".join(map(repr, kinds))
+        raise ConfigError(f"layers {wrong} are not {names} layers of this model; its {names} layers are {matching}")
     return sorted(set(layers))
 
 
@@ -229,7 +231,7 @@ def capture(model, input_ids: torch.Tensor, layers: Sequence[int] | None = None,
     Works on either backend and any device; the Probe holds fp32 CPU tensors.
     """
     blocks = _blocks(model)
-    layers = _check_layers(model, layers, "gdn")
+    layers = _check_layers(model, layers, ("gdn",))
     if not layers:
         raise ConfigError("this model has no Gated DeltaNet layers to probe (all layers are attention)")
     B, T = input_ids.shape
@@ -267,15 +269,17 @@ def capture(model, input_ids: torch.Tensor, layers: Sequence[int] | None = None,
 @torch.no_grad()
 def softmax_attention_map(model, input_ids: torch.Tensor, layer: int, head: int, batch_index: int = 0,
                           tolerance: float | None = None) -> torch.Tensor:
-    """The attention probabilities [T, T] (rows: query t, columns: key i) of one softmax head.
+    """The attention probabilities [T, T] (rows: query t, columns: key i) of one softmax head, of a
+    full ('attn') or sliding-window ('swa') attention layer.
 
     Recomputes q, k with the layer's projections (through its short conv where it has one:
     `Attention.project`) and RoPE (`layers.rotary`), applies the causal softmax of
-    q k^T / sqrt(head_dim), and checks that these probabilities times v, through
-    o_proj, give the layer's real output (relative RMSE within `tolerance`: FP32_TOLERANCE for an
-    fp32 model, ops.FLA_OUTPUT_TOL otherwise), else ProbeMismatch. fp32 CPU result.
+    q k^T / sqrt(head_dim) (keys t - window < i <= t on a sliding-window layer), and checks that
+    these probabilities times v, through o_proj, give the layer's real output (relative RMSE
+    within `tolerance`: FP32_TOLERANCE for an fp32 model, ops.FLA_OUTPUT_TOL otherwise), else
+    ProbeMismatch. fp32 CPU result.
     """
-    _check_layers(model, [layer], "attn")
+    _check_layers(model, [layer], ("attn", "swa"))
     attn = _blocks(model)[layer].attn
     if not 0 <= head < attn.num_heads:
         raise ConfigError(f"head={head}; layer {layer} has heads 0..{attn.num_heads - 1}")
@@ -291,6 +295,9 @@ def softmax_attention_map(model, input_ids: torch.Tensor, layer: int, head: int,
     v = v.float().transpose(1, 2)
     k, v = (t.repeat_interleave(H // Hkv, dim=1) for t in (k, v))                    # grouped KV heads
     causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+    window = getattr(attn, "window", None)  # SlidingWindowAttention's
+    if window is not None:
+        causal = causal.triu(1 - window)    # key i visible to query t when t - window < i
     probabilities = ((q @ k.transpose(-1, -2)) * d ** -0.5).masked_fill(~causal, float("-inf")).softmax(-1)
     recomputed = attn.o_proj((probabilities @ v).transpose(1, 2).reshape(B, T, -1).to(x.dtype))
     default = FP32_TOLERANCE if x.dtype == torch.float32 else ops.FLA_OUTPUT_TOL

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import pathlib
-import tempfile
+import secrets
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,19 +33,32 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+class WriteError(OSError):
+    """A file could not be written (disk full, no permission); the previous file at that path is intact."""
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
     """A temp file in `path`'s folder to write; renamed onto `path` when the block ends, removed if it
-    raises: a crash or an exception mid-write leaves the previous file at `path` intact."""
+    raises: a crash or an exception mid-write leaves the previous file at `path` intact.
+
+    The file gets the mode any new file gets (0644 under the usual umask 022). An OSError (disk full,
+    no permission) becomes a one-line `WriteError` naming `path`.
+    """
     path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
     try:
-        yield pathlib.Path(tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies, unlike mkstemp
+        yield tmp
         os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and not isinstance(err, WriteError):
+            kept = "the previous file there is intact" if path.exists() else "nothing was written there"
+            raise WriteError(f"could not write {path}: {err.strerror or err}; {kept} "
+                             f"(free disk space or fix the folder's permissions, then run again)") from err
         raise
 
 

@@ -8,8 +8,16 @@ Profiles (what each notebook's `parameters` cell receives):
   smoke  notebooks/ci_params.yml[stem] (tiny CPU sizes) + run_dir + interactive=False
   full   run_dir + interactive=False; every other parameter keeps the notebook's own default
 `--param key=value` overrides either (the value is a Python literal; a bare word is a string).
-Every parameter name is checked against the notebook's `parameters` cell before anything
-runs: papermill itself only warns about a name the notebook does not have.
+Every parameter is checked against the notebook's `parameters` cell before anything runs:
+its name must be declared there (papermill itself only warns), and its value must have the
+type of the default there (an int takes no 2.5, a float takes an int; None where the default
+is None or the parameter's comment mentions None); a name that is a ModelConfig or TrainConfig
+field is checked against that field's annotation. run_dir and interactive belong to the runner.
+
+A notebook that stops on a ConfigError (or another error whose message already says what to
+change: `ONE_LINE_ERRORS`) is reported in one line. Ctrl-C stops the run after saying which
+notebook it interrupted; summary.json then lists the notebooks that finished (`interrupted`).
+The key-metrics column shows each notebook's headline results (`key_metrics`).
 
 Layout of a run directory:
   <run_dir>/<stem>/<stem>.ipynb   the executed copy (saved after every cell)
@@ -22,6 +30,7 @@ run then ends with a non-zero exit status.
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import datetime
@@ -37,7 +46,7 @@ import yaml
 from papermill.exceptions import PapermillExecutionError
 from tqdm.auto import tqdm
 
-from .config import ConfigError, parse_literal
+from .config import ConfigError, ModelConfig, TrainConfig, check_field, parse_literal
 from .results import load_json, write_json
 
 PROFILES = ("smoke", "full")
@@ -48,13 +57,19 @@ KERNEL_LOG_LEVEL = "CRITICAL"
 REQUIRED_PARAMETERS = ("run_dir", "interactive")
 TRACEBACK_LINES = 8
 KEY_METRICS = 3
+# errors raised with a message that says what to change: reported without a traceback
+ONE_LINE_ERRORS = ("ConfigError", "BackendError", "DistributedLaunchError", "TrainingDiverged", "WriteError")
+# metric names that are results (shown first in the summary), and names of settings (never shown)
+HEADLINE_WORDS = ("loss", "acc", "exact", "ratio", "speedup", "speed_up")
+SETTING_WORDS = ("device", "backend", "vocab", "chance", "seed", "dtype", "interactive")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _PACKAGE_PARENT = pathlib.Path(__file__).resolve().parent.parent
 
 
 @dataclasses.dataclass
 class NotebookRun:
-    """The outcome of one notebook: status is 'ok' or 'failed'; `error` is the compact report."""
+    """The outcome of one notebook: status is 'ok', 'failed' or 'interrupted' (Ctrl-C); `error` is the
+    compact report."""
 
     stem: str
     status: str
@@ -124,12 +139,49 @@ def parse_param(text: str) -> tuple[str, object]:
     return name, parse_literal(value)
 
 
+_KINDS = {bool: "True or False", int: "an integer", float: "a number", str: "a string", list: "a list",
+          tuple: "a list", dict: "a mapping"}
+
+
+def check_param_value(stem: str, name: str, value: object, declared: dict) -> None:
+    """ConfigError (one line) when a --param value does not fit the parameter `declared` by
+    `papermill.inspect_notebook`: a ModelConfig/TrainConfig field name is checked against the
+    field's annotation, any other name against the type of its default in the notebook."""
+    for config in (ModelConfig, TrainConfig):
+        if name in {item.name for item in dataclasses.fields(config)}:
+            try:
+                check_field(config, name, value)
+            except ConfigError as err:
+                raise ConfigError(f"--param {err}") from None
+            return
+    try:
+        default = ast.literal_eval(declared["default"])
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return  # an expression: nothing to compare with
+    if default is None or (value is None and "None" in (declared.get("help") or "")):
+        return
+    if isinstance(default, bool):
+        fits = isinstance(value, bool)
+    elif isinstance(default, int):
+        fits = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        fits = isinstance(value, int | float) and not isinstance(value, bool)
+    else:
+        fits = isinstance(value, (list, tuple) if isinstance(default, list | tuple) else type(default))
+    if not fits:
+        kind = _KINDS.get(type(default), type(default).__name__)
+        raise ConfigError(f"--param {name}={value!r}: {name} of {stem} takes {kind} (its default is "
+                          f"{declared['default']})")
+
+
 def notebook_parameters(notebook: pathlib.Path, profile: str, run_dir: pathlib.Path,
                         smoke_params: dict[str, dict], overrides: dict) -> dict:
     """The parameters one notebook receives, checked against its `parameters` cell.
 
     Raises ConfigError (one line, naming the parameter and the notebook) for a name the
-    notebook does not declare, and for a smoke run of a notebook without a ci_params.yml entry.
+    notebook does not declare, for run_dir or interactive (the runner sets them), for a --param
+    value of the wrong type (`check_param_value`), and for a smoke run of a notebook without a
+    ci_params.yml entry.
     """
     if profile not in PROFILES:
         raise ConfigError(f"profile {profile!r}; use one of {PROFILES}")
@@ -151,6 +203,11 @@ def notebook_parameters(notebook: pathlib.Path, profile: str, run_dir: pathlib.P
             if name not in declared:
                 raise ConfigError(f"{source}: {name!r} is not a parameter of {notebook.stem} "
                                   f"(it has: {', '.join(declared)})")
+            if name in REQUIRED_PARAMETERS:
+                raise ConfigError(f"{source}: the runner sets {name} itself (run_dir: RUN_DIR/<notebook>, chosen "
+                                  f"with --run-dir; interactive: False); drop {name}")
+            if source == "--param":
+                check_param_value(notebook.stem, name, value, declared[name])
             params[name] = value
     params["run_dir"] = str(run_dir.resolve())
     params["interactive"] = False
@@ -177,7 +234,11 @@ def _clean(text: str, limit: int = 240) -> str:
 
 
 def describe_failure(stem: str, error: BaseException, executed: pathlib.Path) -> str:
-    """A few lines a person can read: the notebook, the cell, `ename: evalue`, the traceback's end."""
+    """A few lines a person can read: the notebook, the cell, `ename: evalue`, the traceback's end;
+    one line for the `ONE_LINE_ERRORS`, whose message already says what to change."""
+    if isinstance(error, PapermillExecutionError) and error.ename in ONE_LINE_ERRORS:
+        return (f"{stem}: {error.ename}: {_clean(error.evalue)} (cell In [{error.exec_count}]; "
+                f"executed copy: {executed})")
     if isinstance(error, PapermillExecutionError):
         source = next((line for line in error.source.splitlines() if line.strip()), "")
         lines = [f"{stem}: cell In [{error.exec_count}] raised {error.ename}: {_clean(error.evalue)}",
@@ -195,7 +256,8 @@ def describe_failure(stem: str, error: BaseException, executed: pathlib.Path) ->
 
 
 def run_notebook(notebook: pathlib.Path, params: dict, progress: bool = False) -> NotebookRun:
-    """Execute one notebook into `params['run_dir']`; never raises for an error inside the notebook."""
+    """Execute one notebook into `params['run_dir']`; never raises for an error inside the notebook.
+    Ctrl-C (here or reaching the kernel) raises KeyboardInterrupt."""
     out_dir = pathlib.Path(params["run_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
     executed = out_dir / notebook.name
@@ -211,6 +273,10 @@ def run_notebook(notebook: pathlib.Path, params: dict, progress: bool = False) -
                 extra_arguments=[f"--IPKernelApp.log_level={KERNEL_LOG_LEVEL}"],
                 progress_bar={"desc": notebook.stem, "leave": False, "position": 1} if progress else False,
             )
+    except PapermillExecutionError as err:
+        if err.ename == "KeyboardInterrupt":
+            raise KeyboardInterrupt from None
+        error = describe_failure(notebook.stem, err, executed)
     except Exception as err:  # a cell error, a dead kernel, a timeout: report it, run the next notebook
         error = describe_failure(notebook.stem, err, executed)
     seconds = time.perf_counter() - start
@@ -228,6 +294,8 @@ def run_notebooks(notebooks: Sequence[pathlib.Path], profile: str = "smoke",
 
     Writes `<run_dir>/<stem>/` per notebook and `<run_dir>/summary.json`. Raises ConfigError
     before running anything when a parameter is unknown; failures inside notebooks are returned.
+    Ctrl-C ends the run: the interrupted notebook is returned with status 'interrupted', and
+    summary.json (`"interrupted": true`) lists it after those that finished.
     """
     run_dir = pathlib.Path(run_dir or default_run_dir(profile))
     smoke_params = {}
@@ -240,37 +308,64 @@ def run_notebooks(notebooks: Sequence[pathlib.Path], profile: str = "smoke",
     bar = tqdm(plans, desc="notebooks", unit="nb", file=sys.stderr, disable=not progress)
     for notebook, params in bar:
         bar.set_postfix_str(notebook.stem)
-        run = run_notebook(notebook, params, progress=progress and sys.stderr.isatty())
+        start = time.perf_counter()
+        try:
+            run = run_notebook(notebook, params, progress=progress and sys.stderr.isatty())
+        except KeyboardInterrupt:
+            runs.append(NotebookRun(notebook.stem, "interrupted", time.perf_counter() - start,
+                                    pathlib.Path(params["run_dir"]) / notebook.name,
+                                    error=f"{notebook.stem}: interrupted (Ctrl-C); the notebooks after it did not run"))
+            break
         if run.error:
             bar.write(f"FAILED {run.error}", file=sys.stdout)
         runs.append(run)
     bar.close()
     run_dir.mkdir(parents=True, exist_ok=True)
     summary = [{**dataclasses.asdict(run), "executed": str(run.executed)} for run in runs]
-    write_json(run_dir / "summary.json", {"profile": profile, "notebooks": summary})
+    write_json(run_dir / "summary.json", {"profile": profile, "interrupted": runs[-1].status == "interrupted",
+                                          "notebooks": summary})
     return runs
 
 
+def _scalars(metrics: dict, prefix: str = "") -> Iterator[tuple[str, object]]:
+    """(label, value) for every scalar in a metrics dict, nested dicts as name[key][key]."""
+    for name, value in metrics.items():
+        label = f"{prefix}[{str(name).replace(' ', '_')}]" if prefix else str(name)
+        if isinstance(value, dict):
+            yield from _scalars(value, label)
+        elif isinstance(value, bool | int | float) or (isinstance(value, str) and len(value) <= 24):
+            yield label, value
+
+
 def key_metrics(metrics: dict | None, count: int = KEY_METRICS) -> str:
-    """The first `count` scalar entries of a metrics dict, 'name=value' joined by spaces."""
+    """A notebook's headline results, 'name=value' joined by spaces: the labels its metrics list
+    under "headline" if it has that key; else numeric results whose names contain one of
+    `HEADLINE_WORDS` (final ones first), nested dicts shown as name[key]; else the first scalars.
+    Settings (`SETTING_WORDS`: device, backend, vocab size, chance level ...) are never shown."""
+    scalars = dict(_scalars(metrics or {}))
+    if isinstance((metrics or {}).get("headline"), list):
+        chosen = [label for label in metrics["headline"] if label in scalars]
+    else:
+        results = [label for label, value in scalars.items()
+                   if not isinstance(value, bool | str) and any(word in label.lower() for word in HEADLINE_WORDS)
+                   and not any(word in label.lower() for word in SETTING_WORDS)]
+        others = [label for label in scalars if not any(word in label.lower() for word in SETTING_WORDS)]
+        chosen = sorted(results, key=lambda label: "final" not in label) or others
     shown = []
-    for name, value in (metrics or {}).items():
-        if isinstance(value, bool | int | float):
-            shown.append(f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}")
-        elif isinstance(value, str) and len(value) <= 24:
-            shown.append(f"{name}={value}")
-        if len(shown) == count:
-            break
+    for label in chosen[:count]:
+        value = scalars[label]
+        shown.append(f"{label}={value:.4g}" if isinstance(value, float) else f"{label}={value}")
     return " ".join(shown)
 
 
 def summary_table(runs: Sequence[NotebookRun]) -> str:
     """notebook | status | seconds | key metrics, one row per notebook."""
     width = max([len("notebook"), *(len(run.stem) for run in runs)])
-    rows = [f"{'notebook':<{width}}  {'status':<6}  {'seconds':>7}  key metrics"]
+    status_width = max([len("status"), *(len(run.status) for run in runs)])
+    rows = [f"{'notebook':<{width}}  {'status':<{status_width}}  {'seconds':>7}  key metrics"]
     for run in runs:
         detail = key_metrics(run.metrics) if run.status == "ok" else (run.error or "").splitlines()[0]
-        rows.append(f"{run.stem:<{width}}  {run.status:<6}  {run.seconds:7.1f}  {_clean(detail, 100)}")
+        rows.append(f"{run.stem:<{width}}  {run.status:<{status_width}}  {run.seconds:7.1f}  {_clean(detail, 100)}")
     return "\n".join(rows)
 
 
@@ -285,7 +380,14 @@ def run_command(names: Sequence[str], profile: str, run_dir: str | None, params:
     except ConfigError as err:
         print(f"gdn-lab run: {err}", file=sys.stderr)
         return 2
-    failed = sum(run.status != "ok" for run in runs)
+    except KeyboardInterrupt:  # before any notebook started: nothing to summarise
+        print("gdn-lab run: interrupted (Ctrl-C) before any notebook ran", file=sys.stderr)
+        return 130
     print(summary_table(runs))
+    if runs[-1].status == "interrupted":
+        print(f"notebooks: interrupted (Ctrl-C) in {runs[-1].stem}; {len(runs) - 1} finished, summary in "
+              f"{run_path / 'summary.json'}")
+        return 130
+    failed = sum(run.status != "ok" for run in runs)
     print(f"notebooks: {len(runs) - failed} ok, {failed} failed ({profile} profile); results in {run_path}")
     return 1 if failed else 0

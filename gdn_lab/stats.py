@@ -4,7 +4,8 @@ A workbook's claim "A beats B" holds only when the gap is larger than what chang
 does to either. `summarize` gives mean, standard deviation and range of a list of runs;
 `compare` calls two summaries a tie when their means differ by less than the larger of the two
 ranges (max - min over seeds), which with 3 seeds is a conservative test, and says which is
-better otherwise.
+better otherwise; `difference` adds the gap and that margin. `percentile` and `interval` read
+bootstrap samples (the scaling fits' uncertainty in `gdn_lab.scaling`).
 
     >>> compare(summarize([0.91, 0.93, 0.92]), summarize([0.50, 0.97, 0.70]))
     'tie'
@@ -49,3 +50,36 @@ def format_summary(summary: dict, digits: int = 3) -> str:
         return f"n/a ({summary['failed']} failed)"
     runs = f"{summary['n']} seed{'s' if summary['n'] != 1 else ''}"
     return f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f} ({runs})"
+
+
+def difference(a: dict, b: dict, higher_is_better: bool = True) -> dict:
+    """Summary `a` against summary `b`: {"delta": mean_a - mean_b (None when either has no finished
+    run), "margin": the larger seed range of the two (what a gap must exceed), "verdict": `compare`'s
+    'better', 'worse' or 'tie' for `a`}."""
+    if a["mean"] is None or b["mean"] is None:
+        return {"delta": None, "margin": None, "verdict": "tie"}
+    return {"delta": a["mean"] - b["mean"], "margin": max(a["spread"], b["spread"]),
+            "verdict": compare(a, b, higher_is_better)}
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The `q`-th percentile (0..100) of `values`, linearly interpolated between order statistics
+    (numpy's default): percentile([1, 2, 3, 4], 50) -> 2.5."""
+    if not values:
+        raise ValueError("percentile of no values")
+    if not 0 <= q <= 100:
+        raise ValueError(f"q={q}; use a percentage in [0, 100]")
+    ordered = sorted(float(v) for v in values)
+    position = (len(ordered) - 1) * q / 100
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def interval(values: Sequence[float], level: float = 0.9) -> tuple[float, float]:
+    """The central `level` interval of `values` (bootstrap samples, say): the (1-level)/2 and
+    (1+level)/2 percentiles. interval(samples, 0.9) -> (5th, 95th percentile)."""
+    if not 0 < level < 1:
+        raise ValueError(f"level={level}; use a fraction in (0, 1), e.g. 0.9")
+    tail = 50 * (1 - level)
+    return percentile(values, tail), percentile(values, 100 - tail)

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import grid, stats
-from .config import ConfigError, ModelConfig, TrainConfig
+from .config import MIXER_LAYER_FIELDS, ConfigError, ModelConfig, TrainConfig
 from .env import pick_device
 from .models import build_model, count_params
 from .results import load_json, save_results, write_json
@@ -72,7 +72,7 @@ SEED_EXP10 = {
 # pure Gated DeltaNet by about 0.1 nat per token at 1.3B parameters and 100B tokens.
 GDN_PAPER_TRANSFORMER_GAP = {"nats": 0.1, "params": "1.3B", "tokens": "100B", "source": "arXiv 2412.06464"}
 SWEEP_FILE, VARIANT_FILE, BUDGET_FILE = "sweep.json", "variant.json", "budget.json"
-_NAME = re.compile(r"[A-Za-z0-9._-]+")
+_NAME = re.compile(r"[A-Za-z0-9._+-]+")
 
 
 def variant_name(pattern: str) -> str:
@@ -81,30 +81,41 @@ def variant_name(pattern: str) -> str:
 
 
 def hybrid_variants(base: ModelConfig,
-                    patterns: Sequence[str] | Mapping[str, str | Sequence[int]] = SEED_PATTERNS
-                    ) -> dict[str, ModelConfig]:
-    """`base` with its attention layers set by each pattern: {name: ModelConfig}.
+                    patterns: Sequence[str] | Mapping[str, str | Sequence[int]] = SEED_PATTERNS,
+                    mixer: str = "attn") -> dict[str, ModelConfig]:
+    """`base` with the layers of each pattern given to `mixer`, every other layer Gated DeltaNet:
+    {name: ModelConfig}.
 
     `patterns`: pattern names (see `gdn_lab.config.hybrid_layers`; each variant is named by
     `variant_name`), or {name: pattern or layer indices}. The default is the seed's study; at 12
     layers it gives gdn (), transformer (0..11), sparse (5, 11), alternating (1, 3, ..., 11),
     late (8, 9, 10, 11), ratio8 (11,), ratio25 (3, 7, 11), ratio42 (1, 4, 6, 9, 11): the k/12
     layers are spaced evenly, ending at the last layer (the seed does not say where they go).
+    `mixer`: 'attn' (full attention) or 'swa' (sliding-window attention of `base.swa_window`
+    tokens), e.g. `hybrid_variants(base, {"gdn+swa": "sparse"}, mixer="swa")`.
     """
+    if mixer not in MIXER_LAYER_FIELDS:
+        raise ConfigError(f"mixer={mixer!r}; use one of {sorted(MIXER_LAYER_FIELDS)} (the other layers are 'gdn')")
     named = dict(patterns) if isinstance(patterns, Mapping) else {variant_name(p): p for p in patterns}
-    return {name: base.replace(attn_layers=layers if isinstance(layers, str) else tuple(layers))
+    cleared = {name: () for name in MIXER_LAYER_FIELDS.values()}
+    return {name: base.replace(**{**cleared, MIXER_LAYER_FIELDS[mixer]: layers if isinstance(layers, str)
+                                  else tuple(layers)})
             for name, layers in named.items()}
 
 
 def seed_learning_rate(config: ModelConfig, gdn_lr: float = 1e-3, attention_lr: float = 2e-3) -> float:
     """The seed's rule: `gdn_lr` (1e-3) for a pure Gated DeltaNet model, `attention_lr` (2e-3) for
-    hybrids and the transformer."""
-    return attention_lr if config.num_attn_layers else gdn_lr
+    hybrids and the transformer (sliding-window attention counts as attention)."""
+    return attention_lr if config.attention_ratio else gdn_lr
+
+
+LAYOUT_LETTERS = {"gdn": "G", "attn": "A", "swa": "S"}
 
 
 def layout(config: ModelConfig) -> str:
-    """One letter per layer, first layer first: 'G' Gated DeltaNet, 'A' attention ('GGGGGAGGGGGA': sparse at 12)."""
-    return "".join("A" if mixer == "attn" else "G" for mixer in config.mixers)
+    """One letter per layer, first layer first: 'G' Gated DeltaNet, 'A' attention, 'S' sliding-window
+    attention ('GGGGGAGGGGGA': sparse at 12)."""
+    return "".join(LAYOUT_LETTERS[mixer] for mixer in config.mixers)
 
 
 @dataclass
@@ -334,7 +345,7 @@ def run_sweep(variants: Mapping[str, ModelConfig], train_config: TrainConfig, da
     sweep_dir = pathlib.Path(sweep_dir)
     bad = [name for name in variants if not _NAME.fullmatch(name)]
     if bad:
-        raise ConfigError(f"variant names {bad} cannot be folder names; use letters, digits, '.', '_' and '-'")
+        raise ConfigError(f"variant names {bad} cannot be folder names; use letters, digits, '.', '_', '+' and '-'")
     if learning_rates is not None and lr_by_variant is not None:
         raise ConfigError("pass learning_rates (a grid for every variant) or lr_by_variant (one rate each), not both")
     if seeds < 1:
@@ -542,9 +553,9 @@ def budget_train_config(variants: Mapping[str, ModelConfig], train_config: Train
 
     started = time.perf_counter()
     first = next(iter(variants.values()))
-    kinds = {"gdn": first.replace(attn_layers=())}
-    if any(config.num_attn_layers for config in variants.values()):
-        kinds["transformer"] = first.replace(attn_layers="transformer")
+    kinds = {"gdn": first.replace(attn_layers=(), swa_layers=())}
+    if any(config.attention_ratio for config in variants.values()):  # sliding windows timed as full attention
+        kinds["transformer"] = first.replace(attn_layers="transformer", swa_layers=())
     measured = {kind: _calibrate(config, train_config, data, timed_steps) for kind, config in kinds.items()}
     calibration_seconds = time.perf_counter() - started
     gdn_step, gdn_overhead = measured["gdn"]
@@ -645,7 +656,7 @@ def sweep_figures(result: SweepResult, window: float = 0.3) -> dict:
 
     placement = make_subplots(rows=1, cols=2, column_widths=[0.5, 0.5], horizontal_spacing=0.15,
                               subplot_titles=("final validation loss vs attention share",
-                                              "layer layout, best first (dark: attention)"))
+                                              "layer layout, best first (dark: attention; mid: window)"))
     placement.add_trace(go.Scatter(
         x=[100 * v.attention_ratio for v in ranked], y=means, mode="markers+text",
         error_y={"type": "data", "symmetric": False,
@@ -657,7 +668,7 @@ def sweep_figures(result: SweepResult, window: float = 0.3) -> dict:
         showlegend=False), row=1, col=1)
     depth = max((len(v.layout) for v in ranked), default=0)
     placement.add_trace(go.Heatmap(
-        z=[[1.0 if c == "A" else 0.0 for c in v.layout] + [None] * (depth - len(v.layout)) for v in ranked],
+        z=[[{"A": 1.0, "S": 0.5}.get(c, 0.0) for c in v.layout] + [None] * (depth - len(v.layout)) for v in ranked],
         x=list(range(depth)), y=[f"{v.name} ({mean:.3f})" for v, mean in zip(ranked, means)],
         colorscale=[[0.0, "#dbe7f3"], [1.0, "#1f3b73"]], zmin=0, zmax=1, showscale=False, xgap=2, ygap=2,
         hovertemplate="%{y}<br>layer %{x}<extra></extra>"), row=1, col=2)

@@ -31,11 +31,17 @@ evaluations, so pass stop_at_val_acc=None (or a higher one) to train the whole e
 Run directory (rank 0 writes it):
     config.json             model, train and data settings, world size
     checkpoints/            best.pt (lowest val loss), step_N.pt (every save_every, and on Ctrl-C),
-                            final.pt, diverged_step_N.pt (a NaN/inf loss); each written atomically
+                            final.pt, diverged_step_N.pt (a NaN/inf loss); each written atomically,
+                            with <name>.pt.json beside it (step, size, sha256: resume checks them)
     training_results.json   history: one record per step (train_loss, lr, tokens, grad_norm; and
                             val_loss, val_acc, val_ppl at eval steps), environment, metrics
     metrics.json            final val loss / accuracy / perplexity, tokens/s, steps, params
     training_curves.html    `gdn_lab.viz.training_curves` of the history
+
+Runs never lose work: a fresh start (resume=None) in a run directory that holds checkpoints is
+refused unless `overwrite=True`; Ctrl-C waits for the optimizer step under way to finish, then
+saves step_N.pt; resume='auto' skips damaged checkpoints (naming each on stderr) for the newest
+intact one; a save that fails (disk full) raises `results.WriteError` with the previous file intact.
 
 Multi-GPU: `torchrun --nproc_per_node 2 -m gdn_lab train --preset small` runs this same loop.
 It reads RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT, starts torch.distributed
@@ -48,10 +54,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import pathlib
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -63,7 +73,7 @@ from tqdm.auto import tqdm
 from .config import ConfigError, ModelConfig, TrainConfig, get_preset, parse_literal
 from .cuda_graph import GraphedTrainStep, graph_unsupported_reason
 from .env import BackendError, check_training_backend, pick_device, pick_dtype, resolve_backend
-from .results import atomic_path, save_results, write_json, write_metrics
+from .results import WriteError, atomic_path, save_results, write_json, write_metrics
 
 TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -223,26 +233,172 @@ def evaluate(model: torch.nn.Module, batches: list, device: torch.device, dtype:
     return {"val_loss": loss, "val_acc": correct / max(tokens, 1), "val_ppl": math.exp(min(loss, 700.0))}
 
 
+def _sha256(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _sidecar(path: pathlib.Path) -> pathlib.Path:
+    return path.with_name(path.name + ".json")
+
+
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> pathlib.Path:
-    """torch.save through `results.atomic_path`, fsynced: a crash or an exception mid-write leaves
-    the previous file at `path` intact."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    return pathlib.Path(path)
+    """torch.save through `results.atomic_path`, fsynced, with `<name>.pt.json` beside it (step, size,
+    sha256) for `verify_checkpoint`. A crash or an error mid-write (disk full: `WriteError`, one
+    line) leaves the previous file at `path` intact."""
+    path = pathlib.Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        stamp = {"step": payload["step"], "bytes": tmp.stat().st_size, "sha256": _sha256(tmp)}
+    write_json(_sidecar(path), stamp)
+    return path
 
 
-def find_checkpoint(run_dir: str | os.PathLike) -> pathlib.Path | None:
-    """The checkpoint under `run_dir/checkpoints` with the most steps (final.pt on a tie), or None.
-    Diverged checkpoints are skipped: resuming them would diverge again."""
+def verify_checkpoint(path: str | os.PathLike) -> int:
+    """The step of the checkpoint at `path` once its size and sha256 match the `.pt.json` written
+    beside it; ConfigError (one line, naming the file) when it is missing, truncated or corrupted.
+    A checkpoint from before the sidecars existed is checked by loading it."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no checkpoint at {path}; pass resume='auto' or an existing .pt file")
+    if not _sidecar(path).is_file():
+        return _read_checkpoint(path, torch.device("cpu"), mmap=True)["step"]
+    stamp = _read_sidecar(path)
+    size = path.stat().st_size
+    if size != stamp["bytes"]:
+        raise ConfigError(f"{path} is truncated ({size:,} of {stamp['bytes']:,} bytes); resume from another "
+                          f"checkpoint (resume='auto' picks the newest intact one)")
+    if _sha256(path) != stamp["sha256"]:
+        raise ConfigError(f"{path} is corrupted (its sha256 differs from the one saved with it); resume from "
+                          f"another checkpoint (resume='auto' picks the newest intact one)")
+    return stamp["step"]
+
+
+def _read_sidecar(path: pathlib.Path) -> dict:
+    """The step, size and sha256 saved beside checkpoint `path`; ConfigError when they cannot be read."""
+    try:
+        stamp = json.loads(_sidecar(path).read_text())
+        if isinstance(stamp["step"], int) and isinstance(stamp["bytes"], int) and isinstance(stamp["sha256"], str):
+            return stamp
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    raise ConfigError(f"{_sidecar(path)} is damaged, so {path} cannot be verified; resume from another "
+                      f"checkpoint (resume='auto' picks the newest intact one)")
+
+
+def _read_checkpoint(path: pathlib.Path, device: torch.device, mmap: bool = False) -> dict:
+    """torch.load of a gdn_lab checkpoint; ConfigError (one line, naming the file) when it cannot be read."""
+    try:
+        saved = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+    except Exception as err:  # a truncated zip, a pickle error, a file that is no checkpoint at all
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"{path} cannot be read as a checkpoint ({_clip(reason)}); resume from another "
+                          f"checkpoint (resume='auto' picks the newest intact one)") from None
+    missing = [key for key in ("step", "model", "optimizer", "schedule", "train_config") if key not in saved]
+    if missing:
+        raise ConfigError(f"{path} is not a gdn_lab training checkpoint (no {', '.join(missing)}); pass a file "
+                          f"from a run's checkpoints/ folder")
+    return saved
+
+
+def _clip(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def find_checkpoint(run_dir: str | os.PathLike, quiet: bool = False) -> pathlib.Path | None:
+    """The intact checkpoint under `run_dir/checkpoints` with the most steps (final.pt on a tie), or None.
+
+    Diverged checkpoints are skipped (resuming them would diverge again), and so are damaged ones
+    (`verify_checkpoint`): each skipped file is named in one line on stderr unless `quiet`.
+    """
+    def skip(err: ConfigError) -> None:
+        if not quiet:
+            print(f"gdn_lab: skipping a damaged checkpoint: {str(err).split(';')[0]}", file=sys.stderr)
+
     rank = {"final": 2, "best": 0}
-    found = []
+    candidates = []  # (step, rank, path, verified already)
     for path in pathlib.Path(run_dir, "checkpoints").glob("*.pt"):
-        if not path.name.startswith("diverged"):
-            step = torch.load(path, map_location="cpu", mmap=True, weights_only=True)["step"]
-            found.append((step, rank.get(path.stem, 1), path))
-    return max(found)[2] if found else None
+        if path.name.startswith("diverged"):
+            continue
+        try:
+            if _sidecar(path).is_file():
+                candidates.append((_read_sidecar(path)["step"], rank.get(path.stem, 1), path, False))
+            else:  # from before the sidecars: its step is read by loading it, which checks it too
+                candidates.append((verify_checkpoint(path), rank.get(path.stem, 1), path, True))
+        except ConfigError as err:
+            skip(err)
+    for _, _, path, verified in sorted(candidates, reverse=True):
+        try:
+            if not verified:
+                verify_checkpoint(path)
+            return path
+        except ConfigError as err:
+            skip(err)
+    return None
+
+
+def refuse_to_overwrite(run_dir: str | os.PathLike,
+                        hints: tuple[str, str, str] = ("resume='auto'", "overwrite=True", "another run_dir")) -> None:
+    """ConfigError (one line) when `run_dir/checkpoints` holds checkpoints that a fresh run would replace;
+    `hints`: how to resume, how to overwrite, where else to go (the command line passes its flags)."""
+    found = sorted(path.name for path in pathlib.Path(run_dir, "checkpoints").glob("*.pt"))
+    if found:
+        resume, overwrite, elsewhere = hints
+        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        raise ConfigError(f"{run_dir} already holds a run ({shown}): continue it with {resume}, start it "
+                          f"again with {overwrite}, or pass {elsewhere}")
+
+
+def _clear_run(run_dir: pathlib.Path) -> None:
+    """What a fresh run in `run_dir` replaces (overwrite=True): checkpoints and their sidecars, results."""
+    checkpoints = run_dir / "checkpoints"
+    for path in [*checkpoints.glob("*.pt"), *checkpoints.glob("*.pt.json"),
+                 *(run_dir / name for name in ("metrics.json", "training_results.json", "training_curves.html"))]:
+        path.unlink(missing_ok=True)
+
+
+class _DeferredInterrupt:
+    """Ctrl-C held back to the next step boundary, so a checkpoint never holds half an optimizer step.
+
+    Inside the block SIGINT only sets `pending`; `requested(launch)` (all ranks agree) tells the loop
+    to stop at the boundary. A second Ctrl-C before that raises KeyboardInterrupt at once and sets
+    `forced` (mid-step: nothing is saved). Off the main thread, or where SIGINT is ignored, nothing
+    is installed."""
+
+    def __init__(self):
+        self.pending = self.forced = False
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.pending:
+            self.forced = True
+            raise KeyboardInterrupt
+        self.pending = True
+
+    def requested(self, launch: Launch) -> bool:
+        """Whether any rank has a pending Ctrl-C (one all-reduce under torchrun)."""
+        if launch.world_size == 1:
+            return self.pending
+        flag = torch.tensor(float(self.pending), device=launch.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def __enter__(self) -> _DeferredInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            if previous not in (signal.SIG_IGN, None):
+                self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -269,21 +425,30 @@ def _curves(history: list[dict], path: pathlib.Path) -> None:
 
 def train(model: torch.nn.Module, train_config: TrainConfig, data, run_dir: str | os.PathLike,
           resume: str | os.PathLike | None = None, extend_steps: int = 0, progress: bool = True,
-          on_eval=None) -> TrainResult:
+          on_eval=None, overwrite: bool = False) -> TrainResult:
     """Train `model` on `data` (any batch source: `LMData`, `TaskData`) and write `run_dir`.
 
-    resume: None (start fresh), 'auto' (the latest checkpoint in run_dir if any, else fresh) or a
-    checkpoint path. extend_steps: train to `train_config.steps + extend_steps` steps (implies
-    resume='auto' when resume is None; see the module docstring for the schedule).
+    resume: None (start fresh), 'auto' (the newest intact checkpoint in run_dir if any, else fresh;
+    damaged ones are skipped with a line on stderr) or a checkpoint path. A fresh start in a run_dir
+    that holds checkpoints is refused (ConfigError) unless `overwrite=True`, which deletes them first.
+    extend_steps: train to `train_config.steps + extend_steps` steps (implies resume='auto' when
+    resume is None; see the module docstring for the schedule).
     on_eval(step, record, history): called on rank 0 after each evaluation (live plots).
     Raises TrainingDiverged on a NaN/inf loss, ConfigError / DistributedLaunchError on settings
-    that cannot work; a KeyboardInterrupt writes checkpoints/step_N.pt and is re-raised.
+    that cannot work, `results.WriteError` when a file cannot be written (the previous one is kept).
+    Ctrl-C is held back until the current optimizer step is done; then checkpoints/step_N.pt is
+    written and KeyboardInterrupt re-raised (a second Ctrl-C stops at once, saving nothing).
     """
     cfg, run_dir = train_config, pathlib.Path(run_dir)
     if extend_steps < 0:
         raise ConfigError(f"extend_steps must be >= 0, got {extend_steps}")
     if extend_steps and resume is None:
         resume = "auto"
+    if overwrite and resume is not None:
+        raise ConfigError(f"overwrite=True starts {run_dir} afresh, but resume={str(resume)!r} (or extend_steps) "
+                          f"continues a run; pass one or the other")
+    if resume is None and not overwrite:
+        refuse_to_overwrite(run_dir)
     launch = launch_from_env(cfg)
     device, micro_batch = launch.device, cfg.micro_batch_size(launch.world_size)
     _check_fit(model, cfg, data)
@@ -303,10 +468,13 @@ def train(model: torch.nn.Module, train_config: TrainConfig, data, run_dir: str 
     step, tokens, train_seconds, best_val, history, schedule = 0, 0, 0.0, math.inf, [], new_schedule(cfg)
     stopped_early = False  # an evaluation met cfg.stop_at_val_acc before total_steps
 
-    checkpoint_path = find_checkpoint(run_dir) if resume == "auto" else resume
+    checkpoint_path = find_checkpoint(run_dir, quiet=not launch.is_main) if resume == "auto" else resume
     if resume == "auto" and extend_steps and checkpoint_path is None:
-        raise ConfigError(f"extend_steps={extend_steps} needs a run to extend, but {run_dir}/checkpoints is empty")
+        raise ConfigError(f"extend_steps={extend_steps} needs a run to extend, but {run_dir}/checkpoints holds "
+                          f"no intact checkpoint")
     if checkpoint_path is not None:
+        if resume != "auto":
+            verify_checkpoint(checkpoint_path)
         saved = _load_checkpoint(checkpoint_path, device, cfg)
         try:
             model.load_state_dict(saved["model"])
@@ -340,6 +508,8 @@ def train(model: torch.nn.Module, train_config: TrainConfig, data, run_dir: str 
     num_params = sum(p.numel() for p in model.parameters())
     run_config = {"model": model_config, "train": cfg}
     if launch.is_main:
+        if overwrite:
+            _clear_run(run_dir)
         write_json(run_dir / "config.json", {
             **run_config, "data": data.describe() if hasattr(data, "describe") else None,
             "world_size": launch.world_size, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
@@ -407,59 +577,67 @@ def train(model: torch.nn.Module, train_config: TrainConfig, data, run_dir: str 
         return loss_value, grad_norm
 
     model.train()
-    try:
-        while step < total_steps and not stopped_early:
-            started = time.perf_counter()
-            lr = lr_at(step, schedule)
-            batch = data.train_batch(step, cfg.batch_size, launch.rank, launch.world_size).to(device)
-            if graphed is not None:
-                loss, grad_norm = graphed.forward_backward(batch.inputs, batch.targets, batch.mask)
-                loss_value, grad_norm = read_step(loss, grad_norm, lr)
-                graphed.optimizer_step(lr)
-            else:
-                loss_value, grad_norm = eager_step(batch, lr)
-                if use_graph:
-                    graphed = GraphedTrainStep(
-                        lambda inputs, targets, mask: model(inputs, targets=targets, loss_mask=mask),
-                        model, optimizer, dtype, cfg.grad_clip, (batch.inputs, batch.targets, batch.mask))
-            step += 1
-            tokens += batch.inputs.numel() * launch.world_size
-            train_seconds += time.perf_counter() - started
-            history.append({"step": step, "tokens": tokens, "train_loss": loss_value, "lr": lr,
-                            "grad_norm": grad_norm})
-            bar.update()
-            if step % cfg.log_every == 0:
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / train_seconds:.3g}")
-            if cfg.eval_every and step % cfg.eval_every == 0:
+    with _DeferredInterrupt() as interrupt:
+        try:
+            while step < total_steps and not stopped_early:
+                started = time.perf_counter()
+                lr = lr_at(step, schedule)
+                batch = data.train_batch(step, cfg.batch_size, launch.rank, launch.world_size).to(device)
+                if graphed is not None:
+                    loss, grad_norm = graphed.forward_backward(batch.inputs, batch.targets, batch.mask)
+                    loss_value, grad_norm = read_step(loss, grad_norm, lr)
+                    graphed.optimizer_step(lr)
+                else:
+                    loss_value, grad_norm = eager_step(batch, lr)
+                    if use_graph:
+                        graphed = GraphedTrainStep(
+                            lambda inputs, targets, mask: model(inputs, targets=targets, loss_mask=mask),
+                            model, optimizer, dtype, cfg.grad_clip, (batch.inputs, batch.targets, batch.mask))
+                step += 1
+                tokens += batch.inputs.numel() * launch.world_size
+                train_seconds += time.perf_counter() - started
+                history.append({"step": step, "tokens": tokens, "train_loss": loss_value, "lr": lr,
+                                "grad_norm": grad_norm})
+                bar.update()
+                if step % cfg.log_every == 0:
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / train_seconds:.3g}")
+                if cfg.eval_every and step % cfg.eval_every == 0:
+                    evaluate_and_record()
+                    stopped_early = step < total_steps and _reached(history[-1], cfg.stop_at_val_acc)
+                    if stopped_early and progress and launch.is_main:
+                        bar.write(f"step {step}: val acc reached stop_at_val_acc={cfg.stop_at_val_acc}; stopping")
+                if cfg.save_every and step % cfg.save_every == 0 and launch.is_main:
+                    save_checkpoint(run_dir / "checkpoints" / f"step_{step}.pt", checkpoint())
+                if interrupt.requested(launch):  # the step boundary: the only place a Ctrl-C stops the loop
+                    raise KeyboardInterrupt
+            if "val_loss" not in history[-1]:
                 evaluate_and_record()
-                stopped_early = step < total_steps and _reached(history[-1], cfg.stop_at_val_acc)
-                if stopped_early and progress and launch.is_main:
-                    bar.write(f"step {step}: val acc reached stop_at_val_acc={cfg.stop_at_val_acc}; stopping")
-            if cfg.save_every and step % cfg.save_every == 0 and launch.is_main:
-                save_checkpoint(run_dir / "checkpoints" / f"step_{step}.pt", checkpoint())
-        if "val_loss" not in history[-1]:
-            evaluate_and_record()
-    except KeyboardInterrupt:
-        if launch.is_main:
-            path = save_checkpoint(run_dir / "checkpoints" / f"step_{step}.pt", checkpoint())
-            bar.write(f"interrupted at step {step}: saved {path}; continue with resume='auto'")
-        raise
-    finally:
-        bar.close()
+        except KeyboardInterrupt:
+            if launch.is_main and interrupt.forced:
+                bar.write(f"a second Ctrl-C stopped step {step + 1} midway: nothing saved; resume='auto' continues "
+                          f"from the last checkpoint")
+            elif launch.is_main:
+                path = save_checkpoint(run_dir / "checkpoints" / f"step_{step}.pt", checkpoint())
+                bar.write(f"interrupted at step {step}: saved {path}; continue with resume='auto'")
+            raise
+        finally:
+            bar.close()
 
-    final = history[-1]
-    metrics = {"final_val_loss": final["val_loss"], "final_val_acc": final["val_acc"],
-               "final_val_ppl": final["val_ppl"], "best_val_loss": best_val, "steps": step,
-               "stopped_early": stopped_early, "tokens": tokens,
-               "tokens_per_second": tokens / train_seconds,
-               "train_seconds": train_seconds, "num_params": num_params, "world_size": launch.world_size,
-               "device": str(device), "dtype": str(dtype).removeprefix("torch."), "cuda_graph": use_graph}
-    if launch.is_main:
-        save_checkpoint(run_dir / "checkpoints" / "final.pt", checkpoint())
-        save_results(run_dir / "training_results.json", {"history": history, "metrics": metrics},
-                     config=run_config, seed=cfg.seed)
-        write_metrics(run_dir, metrics)
-        _curves(history, run_dir / "training_curves.html")
+        final = history[-1]
+        metrics = {"final_val_loss": final["val_loss"], "final_val_acc": final["val_acc"],
+                   "final_val_ppl": final["val_ppl"], "best_val_loss": best_val, "steps": step,
+                   "stopped_early": stopped_early, "tokens": tokens,
+                   "tokens_per_second": tokens / train_seconds,
+                   "train_seconds": train_seconds, "num_params": num_params, "world_size": launch.world_size,
+                   "device": str(device), "dtype": str(dtype).removeprefix("torch."), "cuda_graph": use_graph}
+        if launch.is_main:
+            save_checkpoint(run_dir / "checkpoints" / "final.pt", checkpoint())
+            save_results(run_dir / "training_results.json", {"history": history, "metrics": metrics},
+                         config=run_config, seed=cfg.seed)
+            write_metrics(run_dir, metrics)
+            _curves(history, run_dir / "training_curves.html")
+    if interrupt.pending:  # Ctrl-C during the last evaluation or the final writes: the run is complete
+        raise KeyboardInterrupt
     return TrainResult(history, metrics, run_dir)
 
 
@@ -481,9 +659,7 @@ def _check_fit(model: torch.nn.Module, cfg: TrainConfig, data) -> None:
 
 
 def _load_checkpoint(path: str | os.PathLike, device: torch.device, cfg: TrainConfig) -> dict:
-    if not pathlib.Path(path).is_file():
-        raise ConfigError(f"no checkpoint at {path}; pass resume='auto' or an existing .pt file")
-    saved = torch.load(path, map_location=device, weights_only=True)
+    saved = _read_checkpoint(pathlib.Path(path), device)
     for name in ("batch_size", "seq_len"):
         saved_value, value = saved["train_config"][name], getattr(cfg, name)
         if saved_value != value:
@@ -513,20 +689,35 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfi
         train_changes["steps"] = args.steps
     if args.attn_layers is not None:
         layers = args.attn_layers
-        model_changes["attn_layers"] = tuple(int(i) for i in layers.split(",")) if layers[:1].isdigit() else layers
-    if "steps" in train_changes and "warmup_steps" not in train_changes:
+        if layers[:1].isdigit():
+            try:
+                layers = tuple(int(i) for i in layers.split(","))
+            except ValueError:
+                raise ConfigError(f"--attn-layers {args.attn_layers}: write indices as 5,11 or a pattern name "
+                                  f"such as sparse") from None
+        model_changes["attn_layers"] = layers
+    if isinstance(train_changes.get("steps"), int) and "warmup_steps" not in train_changes:
         train_changes["warmup_steps"] = min(preset.train.warmup_steps, max(0, train_changes["steps"] // 10))
     return preset.model.replace(**model_changes), preset.train.replace(**train_changes)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line on stderr (status 2), not usage + error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m gdn_lab train",
         description="Train a gdn_lab language model; under `torchrun --nproc_per_node N` on N processes.")
     parser.add_argument("--preset", default="tiny", help="model + training preset (see `python -m gdn_lab presets`)")
     parser.add_argument("--steps", type=int, help="optimizer steps (default: the preset's)")
     parser.add_argument("--run-dir", help="where checkpoints and results go (default: runs/<preset>)")
-    parser.add_argument("--resume", help="'auto' (latest checkpoint in the run dir) or a checkpoint path")
+    parser.add_argument("--resume", help="'auto' (newest intact checkpoint in the run dir) or a checkpoint path")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in a run dir that holds a run, deleting its checkpoints")
     parser.add_argument("--extend-steps", type=int, default=0, help="train a finished run this many steps longer")
     parser.add_argument("--corpus", default="pydoc", help="'pydoc', 'python-source' or a Hugging Face dataset name")
     parser.add_argument("--tokenizer", default="byte", help="'byte', 'bpe:<vocab>' or a Hugging Face tokenizer name")
@@ -540,22 +731,28 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m gdn_lab train ...`: build data and model from a preset, train, print the result.
-    Returns the exit status; configuration and launch problems print one line, status 2."""
+    Returns the exit status; configuration and launch problems print one line, status 2 (every
+    --set value, the device and the run directory are checked before the data is built); a
+    diverged run or a file that cannot be written prints one line, status 1."""
     args = _parser().parse_args(argv)
     from .data import lm_data
     from .models import build_model
 
+    run_dir = args.run_dir or f"runs/{args.preset}"
     try:
         model_config, train_config = configs_from_args(args)
+        pick_device(train_config.device)
+        if args.resume is None and not args.extend_steps and not args.overwrite:
+            refuse_to_overwrite(run_dir, ("--resume auto", "--overwrite", "another --run-dir"))
         data = lm_data(args.corpus, args.tokenizer, seq_len=train_config.seq_len, seed=train_config.seed)
         torch.manual_seed(train_config.seed)
         model = build_model(model_config.replace(vocab_size=data.vocab_size))
-        result = train(model, train_config, data, args.run_dir or f"runs/{args.preset}", resume=args.resume,
-                       extend_steps=args.extend_steps, progress=not args.no_progress)
+        result = train(model, train_config, data, run_dir, resume=args.resume, extend_steps=args.extend_steps,
+                       progress=not args.no_progress, overwrite=args.overwrite)
     except (ConfigError, BackendError, DistributedLaunchError) as err:
         print(f"gdn_lab train: {err}", file=sys.stderr)
         return 2
-    except TrainingDiverged as err:
+    except (TrainingDiverged, WriteError) as err:
         print(f"gdn_lab train: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -1,5 +1,5 @@
 """gdn_lab.generate on the CPU: sampling filters, seeds, padding, the fixed-buffer (captured) step,
-also with short convs on the attention layers."""
+also with short convs on the attention layers and with sliding-window attention (a ring buffer)."""
 from __future__ import annotations
 
 import io
@@ -22,16 +22,18 @@ from gdn_lab.generate import (
 from gdn_lab.models import build_model
 
 PROMPTS = [[5, 9, 2, 7, 7, 3, 1], [4, 4], [8, 1, 6, 2]]  # lengths 7, 2, 4: left padding of 0, 5, 3
-PATTERNS = {"gdn": "gdn", "transformer": "transformer", "hybrid": (1,)}  # hybrid: GDN layer 0, attention layer 1
+# hybrid: GDN layer 0, attention layer 1; swa: GDN layer 0, a 3-token window in layer 1 (prompts of 2 to 7 tokens)
+LAYERS = {"gdn": dict(attn_layers="gdn"), "transformer": dict(attn_layers="transformer"),
+          "hybrid": dict(attn_layers=(1,)), "swa": dict(swa_layers=(1,), swa_window=3)}
 
 
 @pytest.fixture(scope="module")
 def models():
     """Tiny 2-layer models (64d, GDN 2 heads x 16, attention 1 head x 64) with 64-token vocabularies."""
     built = {}
-    for name, pattern in PATTERNS.items():
+    for name, layers in LAYERS.items():
         torch.manual_seed(0)
-        config = get_preset("tiny").model.replace(vocab_size=64, attn_layers=pattern, backend="torch")
+        config = get_preset("tiny").model.replace(vocab_size=64, backend="torch", **layers)
         built[name] = build_model(config).eval()
     return built
 
@@ -41,14 +43,13 @@ def conv_models():
     """The hybrid and transformer tiny models with `attn_conv_size=3` and random attention conv weights
     (the identity init would hide a conv window carried wrongly)."""
     built = {}
-    for name in ("hybrid", "transformer"):
+    for name in ("hybrid", "transformer", "swa"):
         torch.manual_seed(0)
-        config = get_preset("tiny").model.replace(vocab_size=64, attn_layers=PATTERNS[name], attn_conv_size=3,
-                                                  backend="torch")
+        config = get_preset("tiny").model.replace(vocab_size=64, attn_conv_size=3, backend="torch", **LAYERS[name])
         model = build_model(config).eval()
         with torch.no_grad():
             for block in model.model.layers:
-                if block.mixer == "attn":
+                if block.mixer in ("attn", "swa"):
                     for conv in (block.attn.q_conv1d, block.attn.k_conv1d, block.attn.v_conv1d):
                         conv.weight.normal_(0, 0.5)
         built[name] = model
@@ -121,7 +122,7 @@ def test_pad_prompts_left_pads_and_masks():
         pad_prompts([[1], []])
 
 
-@pytest.mark.parametrize("name", list(PATTERNS))
+@pytest.mark.parametrize("name", list(LAYERS))
 def test_captured_step_gives_the_plain_tokens(models, name):
     """Fixed buffers (preallocated KV, length and positions as tensors) == the growing cache."""
     model = models[name]
@@ -133,7 +134,7 @@ def test_captured_step_gives_the_plain_tokens(models, name):
     assert generate(model, PROMPTS, captured=True, **sampled) == generate(model, PROMPTS, **sampled)
 
 
-@pytest.mark.parametrize("name", list(PATTERNS))
+@pytest.mark.parametrize("name", list(LAYERS))
 def test_batched_left_padded_equals_one_by_one(models, name):
     model = models[name]
     batched = generate(model, PROMPTS, max_new_tokens=8, temperature=0)
@@ -142,7 +143,7 @@ def test_batched_left_padded_equals_one_by_one(models, name):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("name", list(PATTERNS))
+@pytest.mark.parametrize("name", list(LAYERS))
 def test_captured_logits_match_plain_logits(models, name):
     """The step on fixed buffers computes the plain step's logits (fp32, same inputs), at every position."""
     model = models[name]
@@ -161,7 +162,7 @@ def test_captured_logits_match_plain_logits(models, name):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("name", ["hybrid", "transformer"])
+@pytest.mark.parametrize("name", ["hybrid", "transformer", "swa"])
 def test_attention_conv_decodes_like_the_full_forward(conv_models, name):
     """With attention short convs, the plain cache and the fixed-buffer step (conv windows carried
     in the KV states) give the logits of one forward over the whole left-padded sequences, and
@@ -220,8 +221,8 @@ def test_prefill_in_pieces_matches_one_call(models):
 
 @torch.no_grad()
 def test_gdn_decode_cost_does_not_grow_with_context(models):
-    """Cache bytes and FLOPs of one decode step after 8 vs 300 context tokens are equal for GDN;
-    the transformer's KV cache grows with the context."""
+    """Cache bytes and FLOPs of one decode step after 8 vs 300 context tokens are equal for GDN and
+    for the GDN + sliding-window model (its ring holds 3 tokens); the transformer's KV cache grows."""
 
     def after_context(model, context: int):
         cache = model.new_cache(1)
@@ -234,6 +235,7 @@ def test_gdn_decode_cost_does_not_grow_with_context(models):
 
     gdn_short, gdn_long = after_context(models["gdn"], 8), after_context(models["gdn"], 300)
     assert gdn_short == gdn_long and gdn_short[1] > 0
+    assert after_context(models["swa"], 8) == after_context(models["swa"], 300)
     attn_short, attn_long = after_context(models["transformer"], 8), after_context(models["transformer"], 300)
     assert attn_long[0] > 10 * attn_short[0]
 

@@ -2,7 +2,8 @@
 recurrence, state_dicts shared with fla.layers.GatedDeltaNet, decoding with a state, left
 padding, one gate formula on both backends (`gates()` against FLA's in-kernel gate; an edited
 `gates()` reaching the fla path's kernels, run here through pure-torch stand-ins of FLA's entry
-points), and the attention layer's cache, RoPE and short conv."""
+points), the attention layer's cache, RoPE and short conv, sliding-window attention (banded
+softmax, ring-buffer decoding, padding, window >= T is plain attention) and `from_config`."""
 from __future__ import annotations
 
 import sys
@@ -14,9 +15,9 @@ import torch.nn.functional as F
 
 import gdn_lab.layers
 from gdn_lab import ops
-from gdn_lab.config import ConfigError
+from gdn_lab.config import ConfigError, ModelConfig
 from gdn_lab.env import BackendError
-from gdn_lab.layers import Attention, GatedDeltaNet, l2_normalize, rotary
+from gdn_lab.layers import MIXERS, Attention, GatedDeltaNet, SlidingWindowAttention, l2_normalize, rotary
 
 FP32_ATOL = 2e-5
 SIZES = dict(hidden_size=32, num_heads=2, head_dim=8)
@@ -32,6 +33,18 @@ def attention(seed: int = 0, conv_size: int = 0, **overrides) -> Attention:
     random weights (the identity init would hide a conv window carried wrongly)."""
     torch.manual_seed(seed)
     layer = Attention(32, 4, **{"num_kv_heads": 2, "conv_size": conv_size, **overrides})
+    if conv_size:
+        with torch.no_grad():
+            for conv in (layer.q_conv1d, layer.k_conv1d, layer.v_conv1d):
+                conv.weight.normal_(0, 0.5)
+    return layer
+
+
+def sliding(window: int = 4, seed: int = 0, conv_size: int = 0, **overrides) -> SlidingWindowAttention:
+    """`attention`'s layer with a window of `window` tokens (same weights for the same seed)."""
+    torch.manual_seed(seed)
+    layer = SlidingWindowAttention(32, 4, **{"num_kv_heads": 2, "conv_size": conv_size, "window": window,
+                                             **overrides})
     if conv_size:
         with torch.no_grad():
             for conv in (layer.q_conv1d, layer.k_conv1d, layer.v_conv1d):
@@ -60,7 +73,10 @@ def from_scratch(layer: GatedDeltaNet, x: torch.Tensor) -> torch.Tensor:
     q = F.normalize(branch(layer.q_proj, getattr(layer, "q_conv1d", None), K), dim=-1)
     k = F.normalize(branch(layer.k_proj, getattr(layer, "k_conv1d", None), K), dim=-1)
     v = branch(layer.v_proj, getattr(layer, "v_conv1d", None), V)
-    beta = layer.b_proj(x).sigmoid() * (2 if layer.allow_neg_eigval else 1)
+    if layer.fixed_beta is not None:
+        beta = torch.full((B, T, H), layer.fixed_beta)
+    else:
+        beta = layer.b_proj(x).sigmoid() * (2 if layer.allow_neg_eigval else 1)
     g = (-layer.A_log.exp() * F.softplus(layer.a_proj(x) + layer.dt_bias) if layer.use_decay
          else torch.zeros(B, T, H))
     o, _ = naive_recurrent_gated_delta_rule(q, k, v, beta, g, scale=K ** -0.5)
@@ -76,7 +92,9 @@ def from_scratch(layer: GatedDeltaNet, x: torch.Tensor) -> torch.Tensor:
     {"conv_bias": True, "conv_size": 3},
     {"use_decay": False},
     {"use_short_conv": False},
-], ids=["default", "no-gate-neg-eig", "conv-bias", "deltanet", "no-conv"])
+    {"fixed_beta": 0.3},
+    {"fixed_beta": 1.5, "allow_neg_eigval": True, "use_decay": False},
+], ids=["default", "no-gate-neg-eig", "conv-bias", "deltanet", "no-conv", "fixed-beta", "fixed-beta-deltanet"])
 def test_torch_forward_matches_from_scratch_naive_recurrence(overrides):
     pytest.importorskip("fla.ops.gated_delta_rule.naive")
     layer = gdn(**overrides)
@@ -204,7 +222,9 @@ def left_pad(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     lambda: gdn(allow_neg_eigval=True, use_gate=False),
     lambda: Attention(32, 4, num_kv_heads=2),
     lambda: attention(conv_size=4),
-], ids=["gdn", "gdn-neg-eig", "attention", "attention-conv"])
+    lambda: sliding(window=3, conv_size=3),
+    lambda: sliding(window=1),
+], ids=["gdn", "gdn-neg-eig", "attention", "attention-conv", "swa-conv", "swa-window-1"])
 @pytest.mark.parametrize("max_len", [None, 16])
 def test_left_padded_batch_decodes_like_each_prompt_alone(make_layer, max_len):
     torch.manual_seed(0)
@@ -233,7 +253,8 @@ def test_left_padded_batch_decodes_like_each_prompt_alone(make_layer, max_len):
             torch.testing.assert_close(y_steps[t][i], y_t[0], atol=FP32_ATOL, rtol=1e-4)
 
 
-@pytest.mark.parametrize("make_layer", [gdn, lambda: attention(conv_size=3)], ids=["gdn", "attention-conv"])
+@pytest.mark.parametrize("make_layer", [gdn, lambda: attention(conv_size=3), lambda: sliding(window=3, conv_size=3)],
+                         ids=["gdn", "attention-conv", "swa-conv"])
 def test_mask_without_state_matches_unpadded_forward(make_layer):
     layer = make_layer()
     prompts = [inputs(1, 6, seed=3)[0], inputs(1, 2, seed=4)[0]]
@@ -301,8 +322,10 @@ def test_attention_short_conv_starts_as_the_identity():
     assert "\n" not in str(err.value)
 
 
-def test_attention_conv_gradients_flow_through_the_state():
-    layer = attention(conv_size=4)
+@pytest.mark.parametrize("make_layer", [lambda: attention(conv_size=4), lambda: sliding(window=3, conv_size=4)],
+                         ids=["attention", "swa"])
+def test_attention_conv_gradients_flow_through_the_state(make_layer):
+    layer = make_layer()
     x = inputs(steps=10)
     full, _ = layer(x)
     full.square().sum().backward()
@@ -319,6 +342,89 @@ def test_attention_conv_gradients_flow_through_the_state():
         torch.testing.assert_close(conv.weight.grad, grad, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("window", [1, 3, 6])
+@pytest.mark.parametrize("conv_size", [0, 3], ids=["plain", "conv"])
+def test_sliding_window_matches_banded_explicit_softmax(window, conv_size):
+    """Query t sees keys t - window < i <= t: an explicit softmax over that band of positions, with
+    nn.Conv1d's own forward for the short conv, and RoPE over grouped KV heads."""
+    layer = sliding(window=window, conv_size=conv_size)
+    x = inputs(steps=11)
+    B, T, H, d = 2, 11, 4, 8
+
+    def branch(proj, conv):
+        h = proj(x)
+        if conv is not None:
+            h = conv(h.transpose(1, 2))[..., :T].transpose(1, 2)
+        return h.reshape(B, T, -1, d)
+
+    convs = [getattr(layer, f"{name}_conv1d", None) for name in "qkv"]
+    positions = torch.arange(T)
+    q = rotary(branch(layer.q_proj, convs[0]), positions, layer.inv_freq).transpose(1, 2)
+    k = rotary(branch(layer.k_proj, convs[1]), positions, layer.inv_freq).transpose(1, 2)
+    v = branch(layer.v_proj, convs[2]).transpose(1, 2)
+    k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    t, i = positions[:, None], positions[None, :]
+    band = (i <= t) & (i > t - window)
+    scores = ((q @ k.transpose(-1, -2)) / d ** 0.5).masked_fill(~band, float("-inf"))
+    expected = layer.o_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, H * d))
+    torch.testing.assert_close(layer(x)[0], expected, atol=FP32_ATOL, rtol=1e-4)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("conv_size", [0, 4], ids=["plain", "conv"])
+def test_sliding_window_decoding_equals_full_forward_on_a_fixed_ring(conv_size):
+    """Prefill longer than the window, a chunk, then tokens: the ring keeps `window` slots, written
+    in place (fixed addresses: a CUDA graph replays on them), and decoding equals the full forward."""
+    layer = sliding(window=4, conv_size=conv_size, rope_theta=500.0)
+    x = inputs(steps=15)
+    full, _ = layer(x)
+    state = layer.empty_state(2, max_len=99)   # max_len does not size a ring
+    buffers = [state.k.data_ptr(), state.v.data_ptr(), state.key_position.data_ptr(), state.valid.data_ptr()]
+    pieces = [layer(x[:, :6], state)[0], layer(x[:, 6:9], state)[0]]
+    for t in range(9, 15):
+        pieces.append(layer(x[:, t:t + 1], state)[0])
+        assert state.k.shape == (2, 2, 4, 8)
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=FP32_ATOL, rtol=1e-4)
+    assert int(state.length) == 15 and state.position.tolist() == [15, 15]
+    assert sorted(state.key_position[0].tolist()) == [11, 12, 13, 14] and state.valid.all()
+    assert [state.k.data_ptr(), state.v.data_ptr(), state.key_position.data_ptr(), state.valid.data_ptr()] == buffers
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("conv_size", [0, 3], ids=["plain", "conv"])
+def test_window_at_least_the_sequence_is_plain_attention(conv_size):
+    """A window >= T computes what Attention does with the same weights: the very same call without a
+    state (equal bit for bit), and the same numbers through the ring when decoding."""
+    swa, plain = sliding(window=12, conv_size=conv_size), attention(conv_size=conv_size)
+    plain.load_state_dict(swa.state_dict())
+    x = inputs(steps=12)
+    assert torch.equal(swa(x)[0], plain(x)[0])
+    ring, cache = swa.empty_state(2), plain.empty_state(2)
+    for start, stop in [(0, 5), (5, 6), (6, 12)]:
+        torch.testing.assert_close(swa(x[:, start:stop], ring)[0], plain(x[:, start:stop], cache)[0],
+                                   atol=FP32_ATOL, rtol=1e-4)
+    with pytest.raises(ConfigError, match="window=0") as err:
+        sliding(window=0)
+    assert "\n" not in str(err.value)
+
+
+def test_from_config_takes_the_config_fields():
+    """Each mixer of `MIXERS` builds from a ModelConfig: constructor arguments named like a field take
+    it, attention's renamed ones (attn_num_heads, attn_conv_size, swa_window) theirs."""
+    config = ModelConfig(hidden_size=32, num_layers=3, num_heads=2, head_dim=8, expand_v=1.5, conv_size=3,
+                         use_gate=False, allow_neg_eigval=True, dt_min=1e-2, dt_max=0.2, fixed_beta=1.5,
+                         norm_eps=1e-4, backend="torch", attn_num_heads=4, attn_num_kv_heads=2, rope_theta=500.0,
+                         attn_conv_size=3, swa_window=5, attn_layers=(1,), swa_layers=(2,))
+    assert MIXERS.keys() >= set(config.mixers) == {"gdn", "attn", "swa"}
+    layer = GatedDeltaNet.from_config(config, layer_idx=0)
+    assert (layer.num_heads, layer.head_k_dim, layer.head_v_dim, layer.conv_size) == (2, 8, 12, 3)
+    assert (layer.use_gate, layer.allow_neg_eigval, layer.dt_min, layer.dt_max) == (False, True, 1e-2, 0.2)
+    assert (layer.fixed_beta, layer.o_norm.eps, layer.backend, layer.layer_idx) == (1.5, 1e-4, "torch", 0)
+    for cls in (Attention, SlidingWindowAttention):
+        attn = cls.from_config(config, layer_idx=2)
+        assert (attn.num_heads, attn.num_kv_heads, attn.conv_size, attn.layer_idx) == (4, 2, 3, 2)
+        torch.testing.assert_close(attn.inv_freq, Attention(32, 4, rope_theta=500.0).inv_freq)
+    assert SlidingWindowAttention.from_config(config).window == 5
 
 
 def test_attention_matches_explicit_softmax():
@@ -369,8 +475,9 @@ def test_backend_choice_on_cpu():
 # with scale=2.0 if allow_neg_eigval else 1.0; fused_recurrent.py's kernel: APPLY_BETA_SIGMOID,
 # ALLOW_NEG_EIGVAL). FLA's beta has no torch reference, hence its transcription below.
 
-GATE_VARIANTS = [{}, {"allow_neg_eigval": True}, {"use_decay": False}]
-GATE_IDS = ["default", "neg-eig", "deltanet"]
+GATE_VARIANTS = [{}, {"allow_neg_eigval": True}, {"use_decay": False}, {"fixed_beta": 0.4},
+                 {"fixed_beta": 0.4, "use_decay": False}]
+GATE_IDS = ["default", "neg-eig", "deltanet", "fixed-beta", "fixed-beta-deltanet"]
 
 
 def fla_in_kernel_gates(args: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -521,6 +628,33 @@ def test_edited_gates_reach_the_fla_decode_kernel(fake_fla):
     g, beta = edited_gates(layer, layer.project(x[:, 8:]))
     assert torch.equal(fake_fla[-1][1]["g"], g) and torch.equal(fake_fla[-1][1]["beta"], beta)
     torch.testing.assert_close(y_fla, y_torch, atol=FP32_ATOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize("overrides", [{"fixed_beta": 0.25}, {"fixed_beta": 0.25, "use_decay": False}],
+                         ids=["fixed-beta", "fixed-beta-deltanet"])
+def test_fixed_beta_reaches_the_fla_kernels(fake_fla, overrides):
+    """fixed_beta: no b_proj, and the fla path hands the kernels the constant beta (FLA has no such mode),
+    training and decoding, computing what the torch path does."""
+    layer = gdn(**overrides)
+    assert not hasattr(layer, "b_proj") and layer.custom_gates
+    x = inputs(steps=9)
+    y_torch, _ = layer(x)
+    state = layer.empty_state(2)
+    with torch.no_grad():
+        decoded_torch = torch.cat([layer(x[:, :5], state)[0], layer(x[:, 5:], state)[0]], 1)
+    layer.set_backend("fla")
+    y_fla, _ = layer(x)
+    state = layer.empty_state(2)
+    with torch.no_grad():
+        decoded_fla = torch.cat([layer(x[:, :5], state)[0], layer(x[:, 5:], state)[0]], 1)
+    assert [name for name, _ in fake_fla] == ["chunk", "fused_recurrent", "fused_recurrent"]
+    for _, args in fake_fla:
+        assert not args.get("use_beta_sigmoid_in_kernel") and not args.get("use_gate_in_kernel")
+        assert torch.equal(args["beta"], torch.full_like(args["beta"], 0.25))
+    torch.testing.assert_close(y_fla, y_torch, atol=FP32_ATOL, rtol=1e-4)
+    torch.testing.assert_close(decoded_fla, decoded_torch, atol=FP32_ATOL, rtol=1e-4)
+    with pytest.raises(ConfigError, match="fixed_beta=1.5"):
+        gdn(fixed_beta=1.5)
 
 
 def test_fla_path_refuses_an_edited_features(fake_fla):

@@ -1,6 +1,7 @@
 """The causal LM on the CPU: decoding with a cache (GDN, attention, hybrid, attention with a
-short conv), left padding, the loss, FLA's init and the decay-init range, tied embeddings,
-export to and import from FLA's GatedDeltaNetForCausalLM, presets."""
+short conv, sliding-window attention), left padding, the per-layer mixers, the loss, FLA's init
+and the decay-init range, tied embeddings, export to and import from FLA's GatedDeltaNetForCausalLM,
+presets."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from gdn_lab.config import PRESETS, ConfigError, ModelConfig, TrainConfig
-from gdn_lab.layers import GDNState, KVState
+from gdn_lab.layers import MIXERS, GDNState, KVState, SlidingWindowAttention, WindowKVState
 from gdn_lab.models import CausalLM, build_model, count_params, from_fla, preset_table, to_fla
 from gdn_lab.train import make_optimizer
 
@@ -27,9 +28,9 @@ def token_ids(batch: int, steps: int, seed: int = 1) -> torch.Tensor:
 
 
 def attention_convs(model: CausalLM) -> list[torch.nn.Conv1d]:
-    """The q/k/v short convs of every attention layer."""
-    return [getattr(block.attn, f"{name}_conv1d") for block in model.model.layers if block.mixer == "attn"
-            for name in "qkv"]
+    """The q/k/v short convs of every attention layer (full or sliding-window) that has them."""
+    return [getattr(block.attn, f"{name}_conv1d") for block in model.model.layers
+            if block.mixer in ("attn", "swa") and block.attn.conv_size for name in "qkv"]
 
 
 def randomise_attention_convs(model: CausalLM) -> CausalLM:
@@ -75,10 +76,43 @@ def test_attention_short_conv_decodes_like_full_forward(attn_layers, max_len):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("max_len", [None, 16])
+@pytest.mark.parametrize("attn_conv_size", [0, 3], ids=["plain", "attn-conv"])
+def test_sliding_window_hybrid_decodes_like_full_forward(attn_conv_size, max_len):
+    """GDN, sliding-window and full attention in one model (window 3 < the 5-token prefill): the cache
+    holds a fixed ring per window layer, and decoding equals the full forward."""
+    model = randomise_attention_convs(model_with(num_layers=4, swa_layers=(0, 2), attn_layers=(3,), swa_window=3,
+                                                 attn_conv_size=attn_conv_size))
+    assert model.config.mixers == ("swa", "gdn", "swa", "attn")
+    assert [type(block.attn) for block in model.model.layers] == [MIXERS[m] for m in model.config.mixers]
+    ids = token_ids(2, 12)
+    full = model(ids)
+    cache = model.new_cache(2, max_len=max_len)
+    assert [type(state) for state in cache.states] == [WindowKVState, GDNState, WindowKVState, KVState]
+    pieces = [model(ids[:, :5], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(5, 12)]
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=ATOL, rtol=1e-4)
+    assert all(cache.states[i].k.shape[2] == 3 for i in (0, 2))
+
+
+def test_mixers_come_from_attn_and_swa_layers():
+    """Pattern names place either mixer; a layer named by both is a one-line error."""
+    config = ModelConfig(**{**TINY, "num_layers": 4, "swa_layers": "alternating", "attn_layers": (2,)})
+    assert config.swa_layers == (1, 3) and config.mixers == ("gdn", "swa", "attn", "swa")
+    assert (config.num_gdn_layers, config.num_attn_layers, config.num_swa_layers) == (1, 1, 2)
+    assert config.attention_ratio == 0.75
+    assert ModelConfig(**TINY).mixers == ("gdn",) * 3 and ModelConfig(**TINY).swa_layers == ()
+    model = CausalLM(config)
+    assert isinstance(model.model.layers[1].attn, SlidingWindowAttention)
+    assert model.model.layers[1].attn.window == config.swa_window == 256
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("attn_conv_size", [0, 3], ids=["plain", "attn-conv"])
 @pytest.mark.parametrize("full_width_mask", [False, True], ids=["step-mask", "hf-style-mask"])
-def test_left_padded_hybrid_batch_decodes_like_each_prompt_alone(full_width_mask, attn_conv_size):
-    model = model_with(attn_layers=(0, 2), attn_conv_size=attn_conv_size)
+@pytest.mark.parametrize("layers", [dict(attn_layers=(0, 2)), dict(swa_layers=(0, 2), swa_window=3)],
+                         ids=["attn", "swa"])
+def test_left_padded_hybrid_batch_decodes_like_each_prompt_alone(layers, full_width_mask, attn_conv_size):
+    model = model_with(**layers, attn_conv_size=attn_conv_size)
     if attn_conv_size:
         randomise_attention_convs(model)
     prompts = [token_ids(1, n, seed=n)[0] for n in (6, 2, 4)]
@@ -204,6 +238,8 @@ def test_names_mirror_fla_and_backend_switch():
     {}, dict(attn_layers="alternating", use_gate=False), dict(use_decay=False, use_short_conv=False, expand_v=1.5),
     dict(tie_embeddings=True, intermediate_size=100), dict(attn_layers="alternating", attn_conv_size=4),
     dict(attn_layers=(0,), attn_conv_size=2, attn_num_kv_heads=None),
+    dict(swa_layers=(0,), attn_layers=(2,), attn_conv_size=3), dict(swa_layers="transformer", swa_window=2),
+    dict(fixed_beta=0.5), dict(fixed_beta=0.5, use_decay=False),
 ])
 def test_count_params_matches_the_model(overrides):
     config = ModelConfig(**{**TINY, **overrides})
@@ -235,6 +271,12 @@ def test_preset_table_lists_the_seed_presets():
     (dict(attn_layers=(0,), attn_conv_size=1), "attn_conv_size"),
     (dict(dt_min=0.1, dt_max=0.01), "dt_min"),
     (dict(dt_min=0.0), "dt_min"),
+    (dict(swa_layers=(3,)), "swa_layers \\[3\\] out of range"),
+    (dict(attn_layers=(1,), swa_layers="alternating"), "both name layers \\[1\\]"),
+    (dict(swa_layers=(0,), swa_window=0), "swa_window=0"),
+    (dict(swa_layers=(0,), attn_num_heads=5), "divisible"),
+    (dict(fixed_beta=1.5), "fixed_beta=1.5"),
+    (dict(fixed_beta=0.0), "fixed_beta"),
 ])
 def test_model_config_errors_are_one_line(bad, message):
     with pytest.raises(ConfigError, match=message) as err:
@@ -276,6 +318,11 @@ def test_to_fla_refuses_models_fla_cannot_hold():
     with pytest.raises(ConfigError, match="attn_conv_size=4") as err:
         to_fla(model_with(attn_layers=(1,), attn_conv_size=4))
     assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="sliding-window attention layers \\(1,\\)") as err:
+        to_fla(model_with(swa_layers=(1,)))
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="fixed_beta=0.5"):
+        to_fla(model_with(fixed_beta=0.5))
 
 
 def _described(value):

@@ -94,7 +94,7 @@ def check_03_lm_training(m: dict) -> None:
 
 def check_04_hybrids(m: dict) -> None:
     smoke = SMOKE["04_hybrids"]
-    names = [variant_name(p) for p in smoke["patterns"]]
+    names = [variant_name(p) for p in smoke["patterns"]] + [f"swa-{variant_name(p)}" for p in smoke["swa_patterns"]]
     assert m["source"] == "trained" and m["variants"] == names
     assert set(m["status"].values()) == {"ok"}
     assert set(m["tokens"].values()) == {smoke["steps"] * smoke["batch_size"] * smoke["seq_len"]}
@@ -121,7 +121,8 @@ def check_04_hybrids(m: dict) -> None:
     assert m["stability_steps"] == [5, 6] and len(m["stability_orders"]) == 2
     assert m["rank_stable"] == (m["stability_orders"][0] == m["stability_orders"][1])
     assert m["stability_orders"][-1] == m["ranking"]
-    assert m["attn_layers"] == {"gdn": [], "transformer": list(range(smoke["num_layers"]))}
+    assert m["attn_layers"] == {"gdn": [], "transformer": list(range(smoke["num_layers"])), "swa-late": []}
+    assert m["layouts"] == {"gdn": "GG", "transformer": "AA", "swa-late": "GS"}  # sliding window in layer 1
     assert m["seed_order"] == ["gdn", "transformer"] and m["seed_pairs"] == 1
     assert m["seed_pairs_agreeing"] + m["seed_pairs_tied"] <= 1
     gap = abs(losses["gdn"] - losses["transformer"])
@@ -189,6 +190,66 @@ def check_06_benchmarks(m: dict) -> None:
         assert all(source["targets"].values()), source["targets"]  # issue 13's decode targets, as measured
 
 
+def check_07_ablations(m: dict) -> None:
+    smoke = SMOKE["07_ablations"]
+    chosen = ["GDN", *smoke["only_variants"]]  # the order of gdn_lab.ablations.ablation_variants
+    assert m["variants"] == chosen
+    rates, seeds = smoke["learning_rates"], list(range(smoke["num_seeds"]))
+    assert m["learning_rates"] == rates and m["seeds"] == seeds
+    for name in chosen:
+        low, high = m["lm_val_loss_range"][name]
+        assert math.isfinite(m["lm_val_loss"][name]) and low <= m["lm_val_loss"][name] <= high < math.log(256)
+        low, high = m["mqar_accuracy_range"][name]
+        assert 0 <= low <= m["mqar_accuracy"][name] <= high <= 1
+        assert m["lm_seeds"][name] == m["mqar_seeds"][name] == seeds
+        assert m["lm_chosen_lr"][name] in rates and m["mqar_chosen_lr"][name] in rates
+    assert set(m["lm_tokens"].values()) == {smoke["lm_steps"] * smoke["lm_batch_size"] * smoke["lm_seq_len"]}
+    others = set(chosen) - {"GDN"}
+    for verdicts in (m["lm_verdict"], m["mqar_verdict"]):
+        assert set(verdicts) == others and set(verdicts.values()) <= {"better", "worse", "tie"}
+    assert m["paper_rows"] == {"no decay (DeltaNet)": "w. naive Delta Rule", "head_dim x2": "w. Head Dim 256"}
+    assert m["paper_agreeing"] + m["paper_disagreeing"] + m["paper_unresolved"] == 2
+    assert m["state_size"]["head_dim x2"] == 2 * m["state_size"]["GDN"]  # same H*K, twice the key dim per head
+    vocab = smoke["mqar_vocab_size"]
+    assert math.isclose(m["mqar_chance"], 1 / (vocab - vocab // 2))
+    # per variant and task: the rate grid at the first seed, then the other seeds at the chosen rate
+    assert m["trials"] == len(chosen) * 2 * (len(rates) + len(seeds) - 1) and m["diverged"] == 0
+    assert m["train_seconds"] > 0
+
+
+def check_08_scaling(m: dict) -> None:
+    smoke = SMOKE["08_scaling"]
+    archs, shapes = ["gdn", "transformer", "sparse"], [f"{h}x{n}" for h, n in smoke["shapes"]]
+    rates, seeds = smoke["learning_rates"], list(range(smoke["num_seeds"]))
+    assert m["architectures"] == archs and m["shapes"] == shapes and m["learning_rates"] == rates
+    for arch in archs:
+        params = [m["params"][arch][shape] for shape in shapes]
+        assert params == sorted(params) and params[0] > 0
+        for shape in shapes:
+            n, tokens, steps = m["params"][arch][shape], m["tokens"][arch][shape], m["steps"][arch][shape]
+            batch = m["batch_size"][arch][shape]
+            # a fixed tokens-per-parameter budget: the steps follow from the size, at least min_steps of them
+            # (the batch shrinks where the budget would give fewer)
+            assert steps >= smoke["min_steps"] and batch <= smoke["batch_size"]
+            assert tokens == steps * batch * smoke["seq_len"]
+            assert abs(tokens - smoke["tokens_per_param"] * n) <= batch * smoke["seq_len"] / 2
+            assert m["flops"][arch][shape] > 6 * n * tokens  # 6ND plus the head and the mixers
+            low, high = m["val_loss_range"][arch][shape]
+            assert low <= m["val_loss"][arch][shape] <= high < math.log(256)
+            assert m["seeds"][arch][shape] == seeds and m["chosen_lr"][arch][shape] in rates
+    assert set(m["alpha"]) | set(m["fit_errors"]) == set(archs)
+    for arch, alpha in m["alpha"].items():
+        low, high = m["alpha_interval"][arch]
+        assert 0 < alpha < 3 and low <= high and m["irreducible"][arch] >= 0
+        assert m["alpha_stderr"][arch] is None or m["alpha_stderr"][arch] >= 0
+        assert m["alpha_pure"][arch] is not None
+    assert set(m["winners"]) == set(shapes) and set(m["winners"].values()) <= set(archs)
+    assert all(set(tied) <= set(archs) - {m["winners"][shape]} for shape, tied in m["tied_with_winner"].items())
+    assert min(m["batch_size"]["gdn"].values()) < smoke["batch_size"]  # the smallest size shrank its batch
+    assert m["kaplan_alpha_N"] == 0.076 and 0.27 < m["chinchilla_alpha_here"] < 0.35
+    assert m["trials"] == len(archs) * len(shapes) * (len(rates) + len(seeds) - 1) and m["diverged"] == 0
+
+
 CHECKS = {
     "00_quickstart": check_00_quickstart,
     "01_layer_internals": check_01_layer_internals,
@@ -197,6 +258,8 @@ CHECKS = {
     "04_hybrids": check_04_hybrids,
     "05_long_context": check_05_long_context,
     "06_benchmarks": check_06_benchmarks,
+    "07_ablations": check_07_ablations,
+    "08_scaling": check_08_scaling,
 }
 
 

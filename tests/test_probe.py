@@ -179,7 +179,7 @@ def test_softmax_attention_map_matches_the_attention_layer(model, input_ids):
     P = softmax_attention_map(model, input_ids, layer=1, head=3, batch_index=1)
     assert P.shape == (T, T) and torch.equal(P.triu(1), torch.zeros(T, T))
     assert torch.allclose(P.sum(-1), torch.ones(T))
-    with pytest.raises(ConfigError, match="not 'attn' layers"):
+    with pytest.raises(ConfigError, match="not 'attn' or 'swa' layers"):
         softmax_attention_map(model, input_ids, layer=0, head=0)
     with pytest.raises(ConfigError, match="heads 0..3"):
         softmax_attention_map(model, input_ids, layer=1, head=4)
@@ -193,6 +193,22 @@ def test_softmax_attention_map_reads_through_the_attention_conv(input_ids):
             conv.weight.normal_()
     P = softmax_attention_map(model, input_ids, layer=1, head=2)
     assert torch.allclose(P.sum(-1), torch.ones(T))
+
+
+@pytest.mark.parametrize("attn_conv_size", [0, 3], ids=["plain", "conv"])
+def test_softmax_attention_map_of_a_sliding_window_layer_is_banded(input_ids, attn_conv_size):
+    """On a sliding-window layer the map keeps only keys t - window < i <= t, and (the probe's own
+    check) reproduces the layer's output, through its short conv too."""
+    model = tiny_model(attn_layers=(), swa_layers=(1,), swa_window=5, attn_conv_size=attn_conv_size)
+    if attn_conv_size:
+        with torch.no_grad():
+            for conv in (model.model.layers[1].attn.q_conv1d, model.model.layers[1].attn.k_conv1d):
+                conv.weight.normal_()
+    P = softmax_attention_map(model, input_ids, layer=1, head=1)
+    t, i = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    assert torch.equal(P[(i > t) | (i <= t - 5)], torch.zeros(int(((i > t) | (i <= t - 5)).sum())))
+    assert (P[(i <= t) & (i > t - 5)] > 0).all() and torch.allclose(P.sum(-1), torch.ones(T))
+    assert sorted(capture(model, input_ids).layers) == [0, 2]
 
 
 def test_softmax_attention_map_guard_can_fail(input_ids):

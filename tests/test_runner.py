@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import REPO_ROOT
@@ -62,7 +64,7 @@ def test_other_notebooks_still_run_and_are_summarised(cli_run):
     rows = {line.split()[0]: line.split() for line in done.stdout.splitlines()
             if re.match(r"0[01]_\w+ +(ok|failed) ", line)}
     assert rows["01_passes"][1] == "ok" and float(rows["01_passes"][2]) > 0
-    assert rows["01_passes"][3:] == ["steps=2", "loss=0.6667", "interactive=False"]  # first scalars; no list
+    assert rows["01_passes"][3:] == ["loss=0.6667"]  # the result; not the settings, not the list
     assert rows["00_fails"][1] == "failed" and "ZeroDivisionError" in " ".join(rows["00_fails"])
     assert "notebooks: 1 ok, 1 failed" in done.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -121,3 +123,77 @@ def test_cli_help_lists_the_commands():
                           timeout=60)
     assert done.returncode == 0
     assert all(command in done.stdout for command in ("run", "presets", "train"))
+
+
+def test_key_metrics_are_headline_results_not_settings():
+    notebook_03 = {"device": "cpu", "backend": "torch", "vocab_size": 256, "steps": 40, "initial_train_loss": 5.6,
+                   "final_val_loss": 2.5, "final_val_acc": 0.31, "final_val_ppl": 12.2,
+                   "extended_final_val_loss": 2.4, "final_val_loss_by_model": {"gdn": 2.5}}
+    assert runner.key_metrics(notebook_03) == "final_val_loss=2.5 final_val_acc=0.31 extended_final_val_loss=2.4"
+    notebook_04 = {"device": "cuda", "source": "trained", "runs": 21, "final_val_loss": {"gdn": 4.4, "sparse": 4.06}}
+    assert runner.key_metrics(notebook_04) == "final_val_loss[gdn]=4.4 final_val_loss[sparse]=4.06"
+    nested = {"mqar_chance": 0.03, "mqar_accuracy": {"GDN slow decay": {"16": 1.0}}, "copy_exact_match": {"GDN": 0.5}}
+    assert runner.key_metrics(nested) == "mqar_accuracy[GDN_slow_decay][16]=1 copy_exact_match[GDN]=0.5"
+    named = {"device": "cpu", "final_val_loss": 2.0, "speedup": 3.0, "headline": ["speedup"]}
+    assert runner.key_metrics(named) == "speedup=3"  # a notebook may name its headline results
+    assert runner.key_metrics({"device": "cpu", "trials": 4, "seconds": 2.5}) == "trials=4 seconds=2.5"
+
+
+def test_runner_owned_and_mistyped_parameters_are_one_line_errors(notebooks, tmp_path, capsys):
+    cases = [("interactive=True", "the runner sets interactive itself"),
+             ("run_dir='elsewhere'", "the runner sets run_dir itself"),
+             ("steps=2.5", "--param steps=2.5: TrainConfig.steps takes an integer"),
+             ("steps=abc", "--param steps='abc': TrainConfig.steps takes an integer"),
+             ("seed=[1]", "TrainConfig.seed takes an integer"),
+             ("device=3", "TrainConfig.device takes a string")]
+    for param, message in cases:
+        code = main(["run", "--notebooks-dir", str(notebooks), "--param", param, "--run-dir", str(tmp_path / "r")])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and message in err, (param, err)
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(ConfigError, match=r"num_seeds=2.5: num_seeds of nb takes an integer \(its default is 2\)"):
+        runner.check_param_value("nb", "num_seeds", 2.5, {"default": "2", "help": ""})
+    with pytest.raises(ConfigError, match="models of nb takes a list"):
+        runner.check_param_value("nb", "models", "GDN", {"default": '["GDN"]', "help": ""})
+    declared = {"default": "0.5", "help": "a rate; None: off"}
+    runner.check_param_value("nb", "rate", 1, declared)  # a float takes an int
+    runner.check_param_value("nb", "rate", None, declared)  # the comment allows None
+    runner.check_param_value("nb", "cap", 3, {"default": "None", "help": ""})  # anything where the default is None
+
+
+def test_a_config_error_inside_a_notebook_is_one_line():
+    from papermill.exceptions import PapermillExecutionError
+
+    error = PapermillExecutionError(3, 5, "ModelConfig(num_heads=num_heads)", "ConfigError",
+                                    "num_heads must be positive, got 0", ["Traceback", "ConfigError: ..."])
+    report = runner.describe_failure("01_layer_internals", error, runner.pathlib.Path("x.ipynb"))
+    assert report.count("\n") == 0
+    assert report.startswith("01_layer_internals: ConfigError: num_heads must be positive, got 0 (cell In [5]")
+
+
+def test_ctrl_c_stops_the_run_and_summarises_what_finished(tmp_path, make_notebook):
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    make_notebook(folder / "00_quick.ipynb", PARAMETERS, PASSING_CELL)
+    make_notebook(folder / "01_sleeps.ipynb", PARAMETERS, "import time\n\ntime.sleep(120)")
+    make_notebook(folder / "02_never.ipynb", PARAMETERS, PASSING_CELL)
+    run_dir = tmp_path / "runs"
+    child = subprocess.Popen([sys.executable, "-m", "gdn_lab", "run", "--profile", "full", "--notebooks-dir",
+                              str(folder), "--run-dir", str(run_dir)], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        started = time.monotonic()
+        while not (run_dir / "01_sleeps" / "01_sleeps.ipynb").exists() and time.monotonic() - started < 120:
+            time.sleep(0.1)
+        time.sleep(1.0)
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == 130, out + err
+    assert "Traceback" not in out + err
+    assert "interrupted (Ctrl-C) in 01_sleeps; 1 finished" in out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["interrupted"] is True
+    assert [(nb["stem"], nb["status"]) for nb in summary["notebooks"]] == [("00_quick", "ok"),
+                                                                           ("01_sleeps", "interrupted")]

@@ -18,6 +18,7 @@ from gdn_lab.sweep import (
     budget_train_config,
     compare_with_seed,
     hybrid_variants,
+    layout,
     rank_stability,
     run_folder,
     run_sweep,
@@ -195,6 +196,37 @@ def test_seed_patterns_give_the_seed_layers_at_12_layers():
         "1of12": layers["ratio8"], "3of12": layers["ratio25"], "5of12": layers["ratio42"]}
     assert hybrid_variants(SEED_12, {"mine": (0, 6)})["mine"].attn_layers == (0, 6)
     assert len(SEED_PATTERNS) == 8
+
+
+def test_sliding_window_variants_from_the_same_patterns(data, tmp_path):
+    """mixer='swa' gives a pattern's layers to sliding-window attention (any attention layers of the
+    base go back to GDN); such a variant counts as attention for the seed's rule, and trains."""
+    base = SEED_12.replace(attn_layers=(0,), swa_window=64)
+    swa = hybrid_variants(base, {"gdn+swa": "sparse", "alt": "alternating"}, mixer="swa")
+    assert swa["gdn+swa"].swa_layers == (5, 11) and swa["gdn+swa"].attn_layers == ()
+    assert layout(swa["gdn+swa"]) == "GGGGGSGGGGGS" and layout(swa["alt"]) == "GS" * 6
+    assert hybrid_variants(swa["alt"], ["sparse"])["sparse"].swa_layers == ()   # back to attention only
+    assert seed_learning_rate(swa["gdn+swa"]) == 2e-3 and swa["gdn+swa"].attention_ratio == 2 / 12
+    with pytest.raises(ConfigError, match="mixer='mamba'"):
+        hybrid_variants(base, ["sparse"], mixer="mamba")
+    tiny = hybrid_variants(BASE.replace(swa_window=8), {"gdn+swa": "late"}, mixer="swa")
+    result = run_sweep(tiny, CONFIG, data, tmp_path)
+    assert result["gdn+swa"].layout == "GS" and math.isfinite(result["gdn+swa"].final_val_loss)
+    assert result["gdn+swa"].final_val_loss < math.log(256)
+
+
+def test_run_folders_saved_before_the_mixer_fields_still_match(tmp_path):
+    """A config.json written before swa_layers, swa_window and fixed_beta existed holds a run with
+    their defaults: it is the same run, while a changed value is still refused."""
+    from gdn_lab.grid import check_run_dir
+
+    saved = BASE.to_dict()
+    for name in ("swa_layers", "swa_window", "fixed_beta"):
+        del saved[name]
+    (tmp_path / "config.json").write_text(json.dumps({"model": saved, "train": CONFIG.to_dict()}))
+    check_run_dir(tmp_path, BASE, CONFIG, None)
+    with pytest.raises(ConfigError, match="swa_layers=\\[\\], not \\[1\\]"):
+        check_run_dir(tmp_path, BASE.replace(swa_layers=(1,)), CONFIG, None)
 
 
 def _row(name: str, loss: float | None, status: str = "ok") -> VariantResult:

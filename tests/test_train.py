@@ -1,7 +1,12 @@
 """gdn_lab.train on the CPU: the loss falls, resume is bit-exact, saves are atomic, failures are one line."""
 import json
 import math
+import random
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -18,6 +23,7 @@ from gdn_lab.train import (
     main,
     make_optimizer,
     new_schedule,
+    save_checkpoint,
     train,
 )
 
@@ -99,7 +105,8 @@ def test_loss_falls_on_the_embedded_corpus(data, tmp_path):
     assert "torch" in saved["environment"] and saved["config"]["train"]["steps"] == 40
     assert json.loads((tmp_path / "config.json").read_text())["model"]["attn_layers"] == [1]
     assert (tmp_path / "training_curves.html").stat().st_size > 1000
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best.pt", "final.pt"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "best.pt", "best.pt.json", "final.pt", "final.pt.json"]  # each checkpoint with its size and sha256
 
 
 def test_resume_equals_the_uninterrupted_run_bitwise(data, reference, tmp_path):
@@ -136,7 +143,7 @@ def test_an_exception_mid_save_leaves_the_previous_checkpoint_loadable(data, tmp
     monkeypatch.undo()
     assert len(calls) == 2
     assert torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)["step"] == 2
-    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["best.pt"]  # no temp file left behind
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best.pt", "best.pt.json"]  # no temp file
 
 
 def test_nan_loss_stops_with_one_line_and_a_checkpoint(data, tmp_path):
@@ -283,7 +290,7 @@ def test_a_checkpoint_without_the_stop_key_resumes_as_not_stopped(mqar, tmp_path
     path = tmp_path / "checkpoints" / "final.pt"
     saved = torch.load(path, weights_only=True)
     del saved["stopped_early"]  # as written before stop_at_val_acc existed
-    torch.save(saved, path)
+    save_checkpoint(path, saved)
     resumed = train(fresh_model(TINY.replace(vocab_size=32)), cfg, mqar, tmp_path, resume="auto", progress=False)
     assert resumed.metrics["steps"] == 8 and resumed.metrics["stopped_early"] is True
 
@@ -296,3 +303,177 @@ def test_stop_at_val_acc_settings_are_one_line_errors():
             config(**changes)
         one_line(err)
     assert config(stop_at_val_acc=1.0).stop_at_val_acc == 1.0 and config().stop_at_val_acc is None
+
+
+# A child process that trains one tiny run per trial in a fresh folder, finishing it with resume='auto'
+# after every Ctrl-C, and reports whether each equals the uninterrupted reference run.
+INTERRUPTED_TRIALS = r"""
+import json, pathlib, signal, sys, time
+import torch
+from gdn_lab.config import ModelConfig, TrainConfig
+from gdn_lab.data import lm_data
+from gdn_lab.models import build_model
+from gdn_lab.train import train
+
+torch.set_num_threads(1)
+base, trials = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+signal.signal(signal.SIGINT, lambda *_: None)  # outside train() a late Ctrl-C changes nothing
+
+
+class Announced:
+    # the batch source; says "loop" when the first step's batch is asked for (the parent's cue)
+    def __init__(self, data):
+        self.data, self.announce, self.times = data, False, []
+
+    def train_batch(self, step, *args):
+        self.times.append(time.perf_counter())
+        if step == 0 and self.announce:
+            self.announce = False
+            print("loop", flush=True)
+        return self.data.train_batch(step, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.data, name)
+
+
+data = Announced(lm_data("pydoc", "byte", seq_len=32, max_chars=20_000))
+model_config = ModelConfig(vocab_size=256, hidden_size=32, num_layers=2, num_heads=2, head_dim=8, attn_num_heads=2,
+                           attn_layers=(1,), backend="torch")
+cfg = TrainConfig(steps=24, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=2, eval_every=8, eval_batches=1)
+
+
+def run(run_dir):
+    torch.manual_seed(0)
+    model = build_model(model_config)
+    return model, train(model, cfg, data, run_dir, resume="auto", progress=False)
+
+
+reference_model, reference = run(base / "reference")
+print(json.dumps({"loop_seconds": data.times[-1] - data.times[0]}), flush=True)
+for trial in range(trials):
+    run_dir = base / f"trial_{trial}"
+    data.announce = True
+    while True:
+        try:
+            model, result = run(run_dir)
+            break
+        except KeyboardInterrupt:
+            pass
+    saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*.pt"))
+    same_weights = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                           reference_model.state_dict().values()))
+    print(json.dumps({"interrupted_at": saved, "same_history": result.history == reference.history,
+                      "same_weights": same_weights}), flush=True)
+"""
+
+
+def test_ctrl_c_at_random_moments_resumes_to_the_uninterrupted_run(tmp_path):
+    """SIGINT to a training process at random moments of its loop (mid forward, backward, optimizer step,
+    evaluation, save): every run finished with resume='auto' equals the uninterrupted one, weights and
+    history alike."""
+    trials, rng = 16, random.Random(0)
+    child = subprocess.Popen([sys.executable, "-c", INTERRUPTED_TRIALS, str(tmp_path), str(trials)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        loop_seconds = json.loads(child.stdout.readline())["loop_seconds"]
+        reports = []
+        for _ in range(trials):
+            assert child.stdout.readline() == "loop\n"
+            time.sleep(rng.uniform(0, loop_seconds))
+            child.send_signal(signal.SIGINT)
+            line = child.stdout.readline()
+            while line.startswith("interrupted at step"):  # train's own report of the Ctrl-C
+                line = child.stdout.readline()
+            reports.append(json.loads(line))
+    finally:
+        child.kill()
+        child.wait()
+    assert all(r["same_history"] and r["same_weights"] for r in reports), reports
+    assert sum(bool(r["interrupted_at"]) for r in reports) >= trials // 2, reports  # most landed mid-run
+
+
+def test_a_fresh_run_over_an_existing_one_is_refused_unless_asked(data, reference, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference.run_dir, run_dir)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError) as err:
+        train(fresh_model(), config(save_every=6), data, run_dir, progress=False)
+    assert "resume='auto'" in one_line(err) and "overwrite=True" in one_line(err) and "another run_dir" in one_line(err)
+    args = ["--steps", "3", "--run-dir", str(run_dir), "--set", "batch_size=4", "--set", "seq_len=32", "--no-progress"]
+    assert main(args) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.count("\n") == 1 and all(flag in stderr for flag in ("--resume auto", "--overwrite", "--run-dir"))
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before  # nothing touched
+    with pytest.raises(ConfigError, match="pass one or the other"):
+        train(fresh_model(), config(), data, run_dir, resume="auto", overwrite=True)
+
+    again = train(fresh_model(), config(steps=4), data, run_dir, overwrite=True, progress=False)
+    assert again.metrics["steps"] == 4
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt")) == ["best.pt", "final.pt"]  # old ones gone
+
+
+def test_resume_auto_skips_damaged_checkpoints_and_an_explicit_one_is_named(data, reference, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference.run_dir, run_dir)
+    final, step_6 = run_dir / "checkpoints" / "final.pt", run_dir / "checkpoints" / "step_6.pt"
+    final.write_bytes(final.read_bytes()[: final.stat().st_size // 2])  # truncated
+    step_12 = run_dir / "checkpoints" / "step_12.pt"
+    step_12.write_bytes(step_12.read_bytes()[:1000])
+    step_12.with_name("step_12.pt.json").unlink()  # as before sidecars existed: checked by loading
+    corrupted = bytearray(step_6.read_bytes())
+    corrupted[len(corrupted) // 2] ^= 0xFF  # one flipped byte: same size, another sha256
+    step_6.write_bytes(bytes(corrupted))
+    assert find_checkpoint(run_dir).name == "best.pt"  # final.pt and step_12.pt (also at step 12) are damaged
+    skipped = capsys.readouterr().err.splitlines()
+    assert len(skipped) == 2 and all(line.startswith("gdn_lab: skipping a damaged checkpoint:") for line in skipped)
+    assert any("final.pt is truncated" in line for line in skipped)
+    assert any("step_12.pt cannot be read" in line for line in skipped)
+    for path, message in [(final, "is truncated"), (step_6, "is corrupted"), (step_12, "cannot be read")]:
+        with pytest.raises(ConfigError, match=message) as err:
+            train(fresh_model(), config(save_every=6), data, tmp_path / "other", resume=path, progress=False)
+        assert str(path) in one_line(err)
+    resumed = train(fresh_model(), config(save_every=6), data, run_dir, resume="auto", progress=False)
+    assert resumed.history == reference.history  # from best.pt at step 12: nothing left to train, nothing lost
+
+
+def test_a_save_that_fails_names_the_file_and_keeps_the_previous_one(tmp_path, monkeypatch, capsys):
+    args = ["--steps", "4", "--run-dir", str(tmp_path), "--set", "batch_size=4", "--set", "seq_len=32",
+            "--set", "eval_every=2", "--set", "eval_batches=1", "--no-progress"]
+    assert main(args) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "checkpoints").iterdir()}
+
+    def full_disk(obj, f):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    capsys.readouterr()
+    assert main(args + ["--extend-steps", "2"]) == 1  # its evaluation at step 6 saves best.pt
+    stderr = capsys.readouterr().err
+    assert stderr.count("\n") == 1 and "could not write" in stderr and "best.pt: No space left on device" in stderr
+    assert "the previous file there is intact" in stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "checkpoints").iterdir()} == before  # no temp file left
+
+
+def test_results_and_checkpoints_are_written_with_the_usual_file_mode(data, tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        train(fresh_model(), config(steps=4, eval_every=2), data, tmp_path, progress=False)
+    finally:
+        os.umask(umask)
+    for path in [tmp_path / "metrics.json", tmp_path / "checkpoints" / "final.pt",
+                 tmp_path / "checkpoints" / "final.pt.json"]:
+        assert path.stat().st_mode & 0o777 == 0o644, path
+
+
+def test_checkpoints_from_before_the_sidecars_still_resume_in_step_order(data, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference.run_dir, run_dir)
+    for name in ("final.pt", "best.pt"):
+        (run_dir / "checkpoints" / name).unlink()
+    for sidecar in (run_dir / "checkpoints").glob("*.pt.json"):
+        sidecar.unlink()
+    assert find_checkpoint(run_dir).name == "step_12.pt"  # by the step inside, not by name (step_6 > step_12)
+    (run_dir / "checkpoints" / "step_12.pt").write_bytes(b"not a zip")
+    assert find_checkpoint(run_dir, quiet=True).name == "step_6.pt"
