@@ -25,7 +25,7 @@ the command resumable: run it again and finished runs are read back, an interrup
 
 Writes --out with `gdn_lab.results.save_results` (environment, config, seed; `results` is the
 SweepResult plus the budget plan, the ranking-stability check and the comparison with the seed's
-ranking) and the figures of `gdn_lab.sweep.sweep_figures` as HTML pages into --fig-dir.
+ranking) and the figures of `gdn_lab.viz.sweep_figures` as HTML pages into --fig-dir.
 """
 from __future__ import annotations
 
@@ -50,9 +50,8 @@ from gdn_lab.sweep import (  # noqa: E402
     hybrid_variants,
     rank_stability,
     run_sweep,
-    sweep_figures,
 )
-from gdn_lab.viz import save_html  # noqa: E402
+from gdn_lab.viz import save_html, sweep_figures  # noqa: E402
 
 # the notebook's defaults (tests/test_benchmarks.py checks that they agree)
 PATTERNS = ["gdn", "transformer", "sparse", "alternating", "late"]

@@ -6,7 +6,7 @@ spread), as three calls over the one training loop:
     points = [({"model": "GDN", "num_kv_pairs": 4}, gdn_config, mqar_data), ...]
     trials = grid.expand(points, TrainConfig(steps=3000, stop_at_val_acc=0.99),
                          learning_rates=[3e-4, 1e-3, 3e-3], seeds=[0, 1, 2])
-    records = grid.run(trials, "runs/02/mqar", score=functools.partial(tasks.evaluate_task, batch_size=256))
+    records = grid.run(trials, "runs/02/mqar", score=functools.partial(recall.evaluate_task, batch_size=256))
     best = grid.best_over_lr(records, "accuracy")      # one record per (point, seed): its best rate
     table = grid.over_seeds(best, "accuracy")           # one row per point: mean, std, range over seeds
 

@@ -326,7 +326,7 @@ def passkey_accuracy(model, tokenizer, lengths: Sequence[int], depths: Sequence[
 
 
 def passkey_grid(records: Sequence[dict], value: str = "accuracy") -> tuple[list[int], list[float], list[list[float]]]:
-    """(lengths, depths, grid[depth][length]) from `passkey_accuracy` records, for a heatmap."""
+    """(lengths, depths, grid[depth][length]) from `passkey_accuracy` records, for `gdn_lab.viz.passkey_heatmap`."""
     lengths = sorted({r["context_len"] for r in records})
     depths = sorted({r["depth"] for r in records})
     cell = {(r["context_len"], r["depth"]): r[value] for r in records}
@@ -362,30 +362,6 @@ def render_example(tokenizer, example: PasskeyExample) -> str:
         text += tokenizer.decode(ids[last:start]) + f" {mark}" + tokenizer.decode(ids[start:end]) + f" {mark}"
         last = end
     return text + tokenizer.decode(ids[last:]) + "|" + tokenizer.decode(example.answer_ids.tolist())
-
-
-def passkey_heatmap(tables: dict[str, Sequence[dict]], value: str = "accuracy", title: str = "Passkey retrieval"):
-    """Accuracy heatmaps (needle depth x context length), one panel per model, one colour scale.
-
-    `tables`: {model name: `passkey_accuracy` records}. Returns a plotly Figure with one
-    Heatmap trace per model. (A figure builder: it belongs in `gdn_lab.viz`, which has none yet.)
-    """
-    from plotly.subplots import make_subplots
-
-    fig = make_subplots(rows=1, cols=len(tables), subplot_titles=list(tables), shared_yaxes=True,
-                        horizontal_spacing=0.04)
-    for column, (name, records) in enumerate(tables.items(), start=1):
-        lengths, depths, grid = passkey_grid(records, value)
-        fig.add_heatmap(x=[str(n) for n in lengths], y=[f"{d:.2f}" for d in depths], z=grid, zmin=0, zmax=1,
-                        colorscale="Viridis", showscale=column == len(tables), name=name,
-                        text=[[f"{v:.2f}" for v in row] for row in grid], texttemplate="%{text}",
-                        hovertemplate="length %{x}<br>depth %{y}<br>" + value + " %{z:.2f}<extra>" + name + "</extra>",
-                        row=1, col=column)
-        fig.update_xaxes(title_text="context length (tokens)", type="category", row=1, col=column)
-    fig.update_yaxes(title_text="needle depth", row=1, col=1)
-    fig.update_layout(title=title, height=380, width=max(500, 420 * len(tables)))
-    return fig
-
 
 
 class PasskeyData:

@@ -69,7 +69,7 @@ def tune_then_seed(points: Sequence[Point], train_config: TrainConfig, run_dir: 
     """Run the protocol (module docstring) over `points` in `run_dir` (`grid.run`'s folders:
     `run_dir/<point>/lr<rate>_seed<seed>`) and summarise `metric` over `seeds`.
 
-    `score(model, data)`: extra numbers per trial (e.g. `tasks.evaluate_task`; None for text, whose
+    `score(model, data)`: extra numbers per trial (e.g. `recall.evaluate_task`; None for text, whose
     record already holds final_val_loss). `workers`: trials trained side by side (`grid.run`).
     """
     if not points:

@@ -324,32 +324,6 @@ def fit_of(entry: dict, kind: str = "saturating") -> PowerLawFit:
     return PowerLawFit(**saved)
 
 
-def scaling_figure(rows: Sequence[dict], fits: Mapping[str, dict], x: str = "params", x_title: str = "",
-                   title: str = "", by: str = "arch"):
-    """Mean validation loss over seeds against `x` (log axis; bars: worst to best seed), one line per
-    architecture, with its saturating fit drawn dotted across the measured range (`gdn_lab.viz`)."""
-    import plotly.graph_objects as go
-    from plotly.colors import qualitative
-
-    from .viz import seed_summary_plot
-
-    figure = seed_summary_plot(rows, x, x_title or x, "final validation loss", by=by, title=title, log_x=True)
-    for i, arch in enumerate(dict.fromkeys(str(row[by]) for row in rows)):
-        entry = fits.get(arch, {})
-        if "error" in entry or not entry:
-            continue
-        fit = fit_of(entry)
-        mine = sorted((r for r in rows if str(r[by]) == arch and r["mean"] is not None), key=lambda r: r["params"])
-        # the fit is in parameters; x may be FLOPs: map a log grid of sizes onto x through the measured points
-        params = np.exp(np.linspace(math.log(mine[0]["params"]), math.log(mine[-1]["params"]), 50))
-        xs = np.exp(np.interp(np.log(params), np.log([r["params"] for r in mine]), np.log([r[x] for r in mine])))
-        figure.add_trace(go.Scatter(
-            x=xs.tolist(), y=fit.predict(params.tolist()), mode="lines", hoverinfo="skip",
-            line={"dash": "dot", "color": qualitative.Plotly[i % len(qualitative.Plotly)]},
-            name=f"{arch} fit: alpha {fit.alpha:.2f}, c {fit.c:.2f}"))
-    return figure
-
-
 def winners(rows: Sequence[dict], archs: Sequence[str], by: str = "arch", at: str = "shape") -> list[dict]:
     """Per shape (in the rows' order): the architecture with the lowest mean loss, and the ones tied
     with it (`stats.compare`, lower is better): [{"shape", "best", "tied": [...], "means": {arch: mean}}]."""

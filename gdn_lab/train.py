@@ -420,6 +420,216 @@ def _curves(history: list[dict], path: pathlib.Path) -> None:
     save_html(training_curves(history, title=f"Training curves: {path.parent.name}"), path)
 
 
+# ----------------------------------------------------------------------------- the loop's state and steps
+
+
+@dataclass
+class RunState:
+    """Where a run stands: what a checkpoint saves beside the weights, optimizer, GradScaler and RNG,
+    and what resume restores. Each field is a top-level key of the checkpoint under its own name
+    (`payload`, `from_payload`), so checkpoints written before this class existed resume as before."""
+
+    schedule: list[dict]  # learning-rate segments (new_schedule, extend_schedule); the last one ends the run
+    step: int = 0  # optimizer steps done
+    tokens: int = 0  # training tokens seen, all ranks together
+    stopped_early: bool = False  # an evaluation met stop_at_val_acc before total_steps
+    train_seconds: float = 0.0  # wall time of the optimizer steps (evaluations and saves not counted)
+    best_val_loss: float = math.inf
+    history: list[dict] = dataclasses.field(default_factory=list)  # one record per optimizer step
+
+    @property
+    def total_steps(self) -> int:
+        """The step the run ends at: the end of its last schedule segment."""
+        return self.schedule[-1]["end"]
+
+    def payload(self) -> dict:
+        """The fields under their checkpoint keys (the objects themselves, not copies)."""
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+
+    @classmethod
+    def from_payload(cls, saved: dict) -> RunState:
+        """The state saved in a loaded checkpoint; one from before `stopped_early` existed did not stop."""
+        return cls(schedule=saved["schedule"], step=saved["step"], tokens=saved["tokens"],
+                   stopped_early=saved.get("stopped_early", False), train_seconds=saved["train_seconds"],
+                   best_val_loss=saved["best_val_loss"], history=saved["history"])
+
+
+@dataclass(frozen=True)
+class _RunFiles:
+    """What rank 0 writes into the run directory while training, and what resume reads back: checkpoints
+    (the weights, AdamW, the GradScaler, the RNG and the configs, with a RunState) and
+    training_results.json. The save methods write on whichever rank calls them: `train` calls them on rank 0."""
+
+    run_dir: pathlib.Path
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    cfg: TrainConfig
+    device: torch.device
+
+    @property
+    def run_config(self) -> dict:
+        """The model and train configs, as config.json and training_results.json record them."""
+        return {"model": getattr(self.model, "config", None), "train": self.cfg}
+
+    def payload(self, state: RunState) -> dict:
+        """Everything a checkpoint holds at `state`."""
+        model_config = self.run_config["model"]
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), **state.payload(), "rng": _rng_state(self.device),
+                "train_config": self.cfg.to_dict(),
+                "model_config": dataclasses.asdict(model_config) if dataclasses.is_dataclass(model_config) else None}
+
+    def checkpoint_path(self, name: str) -> pathlib.Path:
+        return self.run_dir / "checkpoints" / name
+
+    def save_checkpoint(self, name: str, state: RunState) -> pathlib.Path:
+        """checkpoints/<name> at `state` (`save_checkpoint`: atomic, with its sidecar)."""
+        return save_checkpoint(self.checkpoint_path(name), self.payload(state))
+
+    def restore(self, path: str | os.PathLike) -> RunState:
+        """Load checkpoint `path` (it must fit the train config and the model) into the model, AdamW,
+        the GradScaler and the RNG; the RunState it was saved at."""
+        saved = _load_checkpoint(path, self.device, self.cfg)
+        try:
+            self.model.load_state_dict(saved["model"])
+        except RuntimeError as err:
+            raise ConfigError(f"{path} does not fit this model: {str(err).splitlines()[0]}") from None
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if saved["scaler"]:  # empty when the run had no GradScaler (bf16 / fp32)
+            self.scaler.load_state_dict(saved["scaler"])
+        _set_rng_state(saved["rng"], self.device)
+        return RunState.from_payload(saved)
+
+    def save_results(self, history: list[dict], metrics: dict | None = None) -> None:
+        """training_results.json: the history so far (and the metrics, once the run is done)."""
+        results = {"history": history} if metrics is None else {"history": history, "metrics": metrics}
+        save_results(self.run_dir / "training_results.json", results, config=self.run_config, seed=self.cfg.seed)
+
+
+def _checkpoint_to_resume(run_dir: pathlib.Path, resume: str | os.PathLike | None, extend_steps: int,
+                          launch: Launch) -> str | os.PathLike | None:
+    """The checkpoint `train(resume=...)` continues from: None (a fresh run), for 'auto' the newest intact
+    one in `run_dir` (or None; ConfigError when `extend_steps` needs one), else the path given, verified."""
+    if resume != "auto":
+        if resume is not None:
+            verify_checkpoint(resume)
+        return resume
+    path = find_checkpoint(run_dir, quiet=not launch.is_main)
+    if extend_steps and path is None:
+        raise ConfigError(f"extend_steps={extend_steps} needs a run to extend, but {run_dir}/checkpoints holds "
+                          f"no intact checkpoint")
+    return path
+
+
+def _extend(state: RunState, cfg: TrainConfig, extend_steps: int, run_dir: pathlib.Path) -> None:
+    """Lengthen the schedule of `state` to `cfg.steps + extend_steps` steps (which trains a stopped run on);
+    ConfigError when the run was already extended further."""
+    end = cfg.steps + extend_steps
+    if end < state.total_steps:
+        raise ConfigError(f"the run in {run_dir} was extended to {state.total_steps} steps; resume it with "
+                          f"extend_steps={state.total_steps - cfg.steps}")
+    if end > state.total_steps:
+        state.schedule = extend_schedule(state.schedule, state.step, end, cfg)
+        state.stopped_early = False
+
+
+def _use_cuda_graph(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, world_size: int) -> bool:
+    """`cfg.cuda_graph`, or where it is None whether graphs can run here; ConfigError when it is True
+    and they cannot."""
+    reason = graph_unsupported_reason(cfg, device, dtype, world_size)
+    if cfg.cuda_graph and reason:
+        raise ConfigError(reason)
+    return reason is None if cfg.cuda_graph is None else cfg.cuda_graph
+
+
+class _EagerStep:
+    """One optimizer step without CUDA graphs, in the two halves of `GraphedTrainStep` (`train` reads the
+    loss between them): the global batch's rows on this rank in micro-batches of `micro_batch` (DDP
+    all-reduces the gradients on the last only), GradScaler, clipping, then AdamW."""
+
+    def __init__(self, ddp_model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                 micro_batch: int, launch: Launch, dtype: torch.dtype, grad_clip: float | None):
+        self.ddp_model, self.optimizer, self.scaler = ddp_model, optimizer, scaler
+        self.micro_batch, self.launch, self.dtype, self.grad_clip = micro_batch, launch, dtype, grad_clip
+
+    def forward_backward(self, batch, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Set the learning rate, then forward and backward every micro-batch of `batch`, unscale and clip:
+        (the loss over the global batch's scored tokens, the gradient norm), device scalars."""
+        launch, device = self.launch, self.launch.device
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        scored = _all_reduce_sum(batch.mask.sum().double(), launch)  # scored tokens in the global batch
+        step_loss = torch.zeros((), dtype=torch.float64, device=device)
+        micro_batches = batch.split(self.micro_batch)
+        for i, micro in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            with contextlib.nullcontext() if last or launch.world_size == 1 else self.ddp_model.no_sync():
+                with _autocast(device, self.dtype):
+                    loss = self.ddp_model(micro.inputs, targets=micro.targets, loss_mask=micro.mask)
+                # weight the micro-batch mean by its share of the global batch's scored tokens;
+                # DDP averages over ranks, hence the world_size factor
+                share = micro.mask.sum() * launch.world_size / scored
+                self.scaler.scale(loss * share.to(loss.dtype)).backward()
+            step_loss += loss.detach().double() * micro.mask.sum()
+        step_loss = _all_reduce_sum(step_loss, launch) / scored
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.ddp_model.parameters(), self.grad_clip or math.inf)
+        return step_loss, grad_norm
+
+    def optimizer_step(self) -> None:
+        """AdamW through the GradScaler, then the gradients cleared."""
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def _read_step(loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, state: RunState, files: _RunFiles,
+               launch: Launch) -> tuple[float, float]:
+    """The step's loss and gradient norm as floats (one sync); on a NaN/inf loss, checkpoint the weights
+    from before the step (rank 0) and raise TrainingDiverged."""
+    loss_value, grad_norm_value = torch.stack([loss.double(), grad_norm.double()]).tolist()
+    if not math.isfinite(loss_value):
+        name = f"diverged_step_{state.step}.pt"
+        if launch.is_main:
+            files.save_checkpoint(name, state)
+        raise TrainingDiverged(f"loss became {loss_value} at step {state.step + 1} (lr {lr:.2e}); weights before "
+                               f"it saved to {files.checkpoint_path(name)}: lower lr, raise warmup_steps or set "
+                               f"grad_clip")
+    return loss_value, grad_norm_value
+
+
+def _evaluate_and_record(state: RunState, files: _RunFiles, val_batches: list, dtype: torch.dtype, launch: Launch,
+                         bar: tqdm, on_eval) -> None:
+    """Evaluate the model into the last history record (every rank); then on rank 0 save best.pt at a new
+    lowest val loss, print the numbers under `bar` (when it shows), rewrite training_results.json and
+    call `on_eval(step, record, history)`."""
+    record = evaluate(files.model, val_batches, launch.device, dtype, launch)
+    state.history[-1].update(record)
+    if not launch.is_main:
+        return
+    if record["val_loss"] < state.best_val_loss:
+        state.best_val_loss = record["val_loss"]
+        files.save_checkpoint("best.pt", state)
+    if not bar.disable:  # rank 0 with progress=True
+        bar.write(f"step {state.step}/{state.total_steps}: val loss {record['val_loss']:.4f}, "
+                  f"acc {record['val_acc']:.3f}, ppl {record['val_ppl']:.2f}")
+    files.save_results(state.history)
+    if on_eval is not None:
+        on_eval(state.step, record, state.history)
+
+
+def _final_metrics(state: RunState, num_params: int, launch: Launch, dtype: torch.dtype, use_graph: bool) -> dict:
+    """What metrics.json holds: the last evaluation, the best val loss, the counters and the setup."""
+    final = state.history[-1]
+    return {"final_val_loss": final["val_loss"], "final_val_acc": final["val_acc"],
+            "final_val_ppl": final["val_ppl"], "best_val_loss": state.best_val_loss, "steps": state.step,
+            "stopped_early": state.stopped_early, "tokens": state.tokens,
+            "tokens_per_second": state.tokens / state.train_seconds,
+            "train_seconds": state.train_seconds, "num_params": num_params, "world_size": launch.world_size,
+            "device": str(launch.device), "dtype": str(dtype).removeprefix("torch."), "cuda_graph": use_graph}
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -455,46 +665,16 @@ def train(model: torch.nn.Module, train_config: TrainConfig, data, run_dir: str 
     dtype = pick_dtype(device, cfg.dtype)
     model_config = getattr(model, "config", None)
     check_training_backend(resolve_backend(getattr(model_config, "backend", "torch"), device), device)
+    use_graph = _use_cuda_graph(cfg, device, dtype, launch.world_size)
 
-    graph_reason = graph_unsupported_reason(cfg, device, dtype, launch.world_size)
-    if cfg.cuda_graph and graph_reason:
-        raise ConfigError(graph_reason)
-    use_graph = graph_reason is None if cfg.cuda_graph is None else cfg.cuda_graph
     torch.manual_seed(cfg.seed)
     model.to(device)
     optimizer = make_optimizer(model, cfg, device, capturable=use_graph)
-    graphed: GraphedTrainStep | None = None  # built after the first eager step when use_graph
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    step, tokens, train_seconds, best_val, history, schedule = 0, 0, 0.0, math.inf, [], new_schedule(cfg)
-    stopped_early = False  # an evaluation met cfg.stop_at_val_acc before total_steps
-
-    checkpoint_path = find_checkpoint(run_dir, quiet=not launch.is_main) if resume == "auto" else resume
-    if resume == "auto" and extend_steps and checkpoint_path is None:
-        raise ConfigError(f"extend_steps={extend_steps} needs a run to extend, but {run_dir}/checkpoints holds "
-                          f"no intact checkpoint")
-    if checkpoint_path is not None:
-        if resume != "auto":
-            verify_checkpoint(checkpoint_path)
-        saved = _load_checkpoint(checkpoint_path, device, cfg)
-        try:
-            model.load_state_dict(saved["model"])
-        except RuntimeError as err:
-            raise ConfigError(f"{checkpoint_path} does not fit this model: {str(err).splitlines()[0]}") from None
-        optimizer.load_state_dict(saved["optimizer"])
-        if saved["scaler"]:  # empty when the run had no GradScaler (bf16 / fp32)
-            scaler.load_state_dict(saved["scaler"])
-        step, tokens, train_seconds = saved["step"], saved["tokens"], saved["train_seconds"]
-        best_val = saved["best_val_loss"]
-        history, schedule = saved["history"], saved["schedule"]
-        stopped_early = saved.get("stopped_early", False)  # checkpoints older than the key did not stop
-        _set_rng_state(saved["rng"], device)
-    if cfg.steps + extend_steps < schedule[-1]["end"]:
-        raise ConfigError(f"the run in {run_dir} was extended to {schedule[-1]['end']} steps; resume it with "
-                          f"extend_steps={schedule[-1]['end'] - cfg.steps}")
-    if cfg.steps + extend_steps > schedule[-1]["end"]:
-        schedule = extend_schedule(schedule, step, cfg.steps + extend_steps, cfg)
-        stopped_early = False
-    total_steps = schedule[-1]["end"]
+    files = _RunFiles(run_dir, model, optimizer, scaler, cfg, device)
+    checkpoint_path = _checkpoint_to_resume(run_dir, resume, extend_steps, launch)
+    state = RunState(new_schedule(cfg)) if checkpoint_path is None else files.restore(checkpoint_path)
+    _extend(state, cfg, extend_steps, run_dir)
 
     val_batches = data.val_batches(micro_batch, cfg.eval_batches * cfg.grad_accum * launch.world_size)
     if not val_batches:
@@ -503,142 +683,80 @@ def train(model: torch.nn.Module, train_config: TrainConfig, data, run_dir: str 
     if launch.world_size > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    bar = tqdm(total=total_steps, initial=step, desc=run_dir.name, disable=not (progress and launch.is_main),
-               dynamic_ncols=True)
+    eager = _EagerStep(ddp_model, optimizer, scaler, micro_batch, launch, dtype, cfg.grad_clip)
+    graphed: GraphedTrainStep | None = None  # built after the first eager step when use_graph
+    bar = tqdm(total=state.total_steps, initial=state.step, desc=run_dir.name,
+               disable=not (progress and launch.is_main), dynamic_ncols=True)
     num_params = sum(p.numel() for p in model.parameters())
-    run_config = {"model": model_config, "train": cfg}
     if launch.is_main:
         if overwrite:
             _clear_run(run_dir)
         write_json(run_dir / "config.json", {
-            **run_config, "data": data.describe() if hasattr(data, "describe") else None,
+            **files.run_config, "data": data.describe() if hasattr(data, "describe") else None,
             "world_size": launch.world_size, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
             "num_params": num_params})
-
-    def checkpoint() -> dict:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "schedule": schedule, "step": step, "tokens": tokens, "stopped_early": stopped_early,
-                "train_seconds": train_seconds, "best_val_loss": best_val, "history": history,
-                "rng": _rng_state(device), "train_config": cfg.to_dict(),
-                "model_config": dataclasses.asdict(model_config) if dataclasses.is_dataclass(model_config) else None}
-
-    def evaluate_and_record() -> None:
-        nonlocal best_val
-        record = evaluate(model, val_batches, device, dtype, launch)
-        history[-1].update(record)
-        if not launch.is_main:
-            return
-        if record["val_loss"] < best_val:
-            best_val = record["val_loss"]
-            save_checkpoint(run_dir / "checkpoints" / "best.pt", checkpoint())
-        if progress:
-            bar.write(f"step {step}/{total_steps}: val loss {record['val_loss']:.4f}, "
-                      f"acc {record['val_acc']:.3f}, ppl {record['val_ppl']:.2f}")
-        save_results(run_dir / "training_results.json", {"history": history}, config=run_config, seed=cfg.seed)
-        if on_eval is not None:
-            on_eval(step, record, history)
-
-    def read_step(loss: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> tuple[float, float]:
-        """The step's loss and gradient norm as floats (one sync); on a NaN/inf loss, checkpoint the
-        weights from before the step and raise TrainingDiverged."""
-        loss_value, grad_norm_value = torch.stack([loss.double(), grad_norm.double()]).tolist()
-        if not math.isfinite(loss_value):
-            path = run_dir / "checkpoints" / f"diverged_step_{step}.pt"
-            if launch.is_main:
-                save_checkpoint(path, checkpoint())
-            raise TrainingDiverged(f"loss became {loss_value} at step {step + 1} (lr {lr:.2e}); weights before "
-                                   f"it saved to {path}: lower lr, raise warmup_steps or set grad_clip")
-        return loss_value, grad_norm_value
-
-    def eager_step(batch, lr: float) -> tuple[float, float]:
-        """One optimizer step on `batch` (micro-batches, DDP, GradScaler): (loss, grad norm)."""
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        scored = _all_reduce_sum(batch.mask.sum().double(), launch)  # scored tokens in the global batch
-        step_loss = torch.zeros((), dtype=torch.float64, device=device)
-        micro_batches = batch.split(micro_batch)
-        for i, micro in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
-            with contextlib.nullcontext() if last or launch.world_size == 1 else ddp_model.no_sync():
-                with _autocast(device, dtype):
-                    loss = ddp_model(micro.inputs, targets=micro.targets, loss_mask=micro.mask)
-                # weight the micro-batch mean by its share of the global batch's scored tokens;
-                # DDP averages over ranks, hence the world_size factor
-                share = micro.mask.sum() * launch.world_size / scored
-                scaler.scale(loss * share.to(loss.dtype)).backward()
-            step_loss += loss.detach().double() * micro.mask.sum()
-        step_loss = _all_reduce_sum(step_loss, launch) / scored
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-        loss_value, grad_norm = read_step(step_loss, grad_norm, lr)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        return loss_value, grad_norm
 
     model.train()
     with _DeferredInterrupt() as interrupt:
         try:
-            while step < total_steps and not stopped_early:
+            while state.step < state.total_steps and not state.stopped_early:
                 started = time.perf_counter()
-                lr = lr_at(step, schedule)
-                batch = data.train_batch(step, cfg.batch_size, launch.rank, launch.world_size).to(device)
+                lr = lr_at(state.step, state.schedule)
+                batch = data.train_batch(state.step, cfg.batch_size, launch.rank, launch.world_size).to(device)
                 if graphed is not None:
                     loss, grad_norm = graphed.forward_backward(batch.inputs, batch.targets, batch.mask)
-                    loss_value, grad_norm = read_step(loss, grad_norm, lr)
+                    loss_value, grad_norm = _read_step(loss, grad_norm, lr, state, files, launch)
                     graphed.optimizer_step(lr)
                 else:
-                    loss_value, grad_norm = eager_step(batch, lr)
+                    loss, grad_norm = eager.forward_backward(batch, lr)
+                    loss_value, grad_norm = _read_step(loss, grad_norm, lr, state, files, launch)
+                    eager.optimizer_step()
                     if use_graph:
                         graphed = GraphedTrainStep(
                             lambda inputs, targets, mask: model(inputs, targets=targets, loss_mask=mask),
                             model, optimizer, dtype, cfg.grad_clip, (batch.inputs, batch.targets, batch.mask))
-                step += 1
-                tokens += batch.inputs.numel() * launch.world_size
-                train_seconds += time.perf_counter() - started
-                history.append({"step": step, "tokens": tokens, "train_loss": loss_value, "lr": lr,
-                                "grad_norm": grad_norm})
+                state.step += 1
+                state.tokens += batch.inputs.numel() * launch.world_size
+                state.train_seconds += time.perf_counter() - started
+                state.history.append({"step": state.step, "tokens": state.tokens, "train_loss": loss_value, "lr": lr,
+                                      "grad_norm": grad_norm})
                 bar.update()
-                if step % cfg.log_every == 0:
-                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / train_seconds:.3g}")
-                if cfg.eval_every and step % cfg.eval_every == 0:
-                    evaluate_and_record()
-                    stopped_early = step < total_steps and _reached(history[-1], cfg.stop_at_val_acc)
-                    if stopped_early and progress and launch.is_main:
-                        bar.write(f"step {step}: val acc reached stop_at_val_acc={cfg.stop_at_val_acc}; stopping")
-                if cfg.save_every and step % cfg.save_every == 0 and launch.is_main:
-                    save_checkpoint(run_dir / "checkpoints" / f"step_{step}.pt", checkpoint())
+                if state.step % cfg.log_every == 0:
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}",
+                                    tok_s=f"{state.tokens / state.train_seconds:.3g}")
+                if cfg.eval_every and state.step % cfg.eval_every == 0:
+                    _evaluate_and_record(state, files, val_batches, dtype, launch, bar, on_eval)
+                    state.stopped_early = (state.step < state.total_steps
+                                           and _reached(state.history[-1], cfg.stop_at_val_acc))
+                    if state.stopped_early and not bar.disable:
+                        bar.write(f"step {state.step}: val acc reached stop_at_val_acc={cfg.stop_at_val_acc}; "
+                                  f"stopping")
+                if cfg.save_every and state.step % cfg.save_every == 0 and launch.is_main:
+                    files.save_checkpoint(f"step_{state.step}.pt", state)
                 if interrupt.requested(launch):  # the step boundary: the only place a Ctrl-C stops the loop
                     raise KeyboardInterrupt
-            if "val_loss" not in history[-1]:
-                evaluate_and_record()
+            if "val_loss" not in state.history[-1]:
+                _evaluate_and_record(state, files, val_batches, dtype, launch, bar, on_eval)
         except KeyboardInterrupt:
             if launch.is_main and interrupt.forced:
-                bar.write(f"a second Ctrl-C stopped step {step + 1} midway: nothing saved; resume='auto' continues "
-                          f"from the last checkpoint")
+                bar.write(f"a second Ctrl-C stopped step {state.step + 1} midway: nothing saved; resume='auto' "
+                          f"continues from the last checkpoint")
             elif launch.is_main:
-                path = save_checkpoint(run_dir / "checkpoints" / f"step_{step}.pt", checkpoint())
-                bar.write(f"interrupted at step {step}: saved {path}; continue with resume='auto'")
+                path = files.save_checkpoint(f"step_{state.step}.pt", state)
+                bar.write(f"interrupted at step {state.step}: saved {path}; continue with resume='auto'")
             raise
         finally:
             bar.close()
 
-        final = history[-1]
-        metrics = {"final_val_loss": final["val_loss"], "final_val_acc": final["val_acc"],
-                   "final_val_ppl": final["val_ppl"], "best_val_loss": best_val, "steps": step,
-                   "stopped_early": stopped_early, "tokens": tokens,
-                   "tokens_per_second": tokens / train_seconds,
-                   "train_seconds": train_seconds, "num_params": num_params, "world_size": launch.world_size,
-                   "device": str(device), "dtype": str(dtype).removeprefix("torch."), "cuda_graph": use_graph}
+        metrics = _final_metrics(state, num_params, launch, dtype, use_graph)
         if launch.is_main:
-            save_checkpoint(run_dir / "checkpoints" / "final.pt", checkpoint())
-            save_results(run_dir / "training_results.json", {"history": history, "metrics": metrics},
-                         config=run_config, seed=cfg.seed)
+            files.save_checkpoint("final.pt", state)
+            files.save_results(state.history, metrics)
             write_metrics(run_dir, metrics)
-            _curves(history, run_dir / "training_curves.html")
+            _curves(state.history, run_dir / "training_curves.html")
     if interrupt.pending:  # Ctrl-C during the last evaluation or the final writes: the run is complete
         raise KeyboardInterrupt
-    return TrainResult(history, metrics, run_dir)
+    return TrainResult(state.history, metrics, run_dir)
 
 
 def _reached(record: dict, stop_at_val_acc: float | None) -> bool:

@@ -9,9 +9,14 @@ Inputs are plain tensors (or numpy arrays) in gdn_lab's layout: gates [B, T, H] 
 states [B, S, H, K, V] or [S, H, K, V] (S kept time steps), one head's keys [T, K]. Batched
 inputs take `batch_index` (default 0). `tokens` is a list of T strings shown as hover text and
 axis labels (None: positions).
+
+Builders of experiment results take the records their module returns and shape them with that
+module's functions: `passkey_heatmap` (`gdn_lab.longctx`), `sweep_figures` (`gdn_lab.sweep`),
+`scaling_figure` (`gdn_lab.scaling`).
 """
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 from collections.abc import Mapping, Sequence
@@ -21,6 +26,9 @@ import plotly.graph_objects as go
 import torch
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
+
+from .longctx import passkey_grid
+from .scaling import fit_of
 
 _COLORS = qualitative.Plotly
 
@@ -301,6 +309,113 @@ def seed_summary_plot(rows: Sequence[Mapping], x: str, x_title: str, y_title: st
             hovertemplate="%{y:.3f} (seeds: %{customdata[0]}, range %{customdata[1]:.3f} to %{customdata[2]:.3f})"))
     fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, xaxis_type="log" if log_x else None)
     return fig
+
+
+def passkey_heatmap(tables: Mapping[str, Sequence[dict]], value: str = "accuracy",
+                    title: str = "Passkey retrieval") -> go.Figure:
+    """Accuracy heatmaps (needle depth x context length), one panel per model, one colour scale.
+
+    `tables`: {model name: `gdn_lab.longctx.passkey_accuracy` records}, shaped by
+    `longctx.passkey_grid` (a missing cell is blank). Traces: one Heatmap per model.
+    """
+    fig = make_subplots(rows=1, cols=len(tables), subplot_titles=list(tables), shared_yaxes=True,
+                        horizontal_spacing=0.04)
+    for column, (name, records) in enumerate(tables.items(), start=1):
+        lengths, depths, grid = passkey_grid(records, value)
+        fig.add_heatmap(x=[str(n) for n in lengths], y=[f"{d:.2f}" for d in depths], z=grid, zmin=0, zmax=1,
+                        colorscale="Viridis", showscale=column == len(tables), name=name,
+                        text=[[f"{v:.2f}" for v in row] for row in grid], texttemplate="%{text}",
+                        hovertemplate="length %{x}<br>depth %{y}<br>" + value + " %{z:.2f}<extra>" + name + "</extra>",
+                        row=1, col=column)
+        fig.update_xaxes(title_text="context length (tokens)", type="category", row=1, col=column)
+    fig.update_yaxes(title_text="needle depth", row=1, col=1)
+    fig.update_layout(title=title, height=380, width=max(500, 420 * len(tables)))
+    return fig
+
+
+def sweep_figures(result, window: float = 0.3) -> dict[str, go.Figure]:
+    """Figures of a `gdn_lab.sweep.SweepResult` (variants that finished): {"val_loss": validation
+    loss against training tokens, one line per variant (mean over its seeds at the chosen rate; the
+    last `window` of training shaded, where `sweep.rank_stability` looks); "lr_grid": final
+    validation loss against learning rate at the first seed, one line per variant; "placement":
+    mean final loss (bars: worst to best seed) against attention share beside the layer layout of
+    every variant, best first; "throughput": training tokens/s and peak GPU memory (training
+    seconds on the CPU) per variant, of its representative run}."""
+    summaries = result.summaries()
+    names = result.ranking()
+    ranked = [result[name] for name in names]
+    means = [summaries[name]["mean"] for name in names]
+    curves = line_plot({name: ([r["tokens"] for r in result.mean_curve(name)],
+                               [r["val_loss"] for r in result.mean_curve(name)]) for name in names},
+                       "training tokens", "validation loss",
+                       title="Validation loss at equal tokens (mean over seeds, each variant at its best rate)")
+    last = max((r["tokens"] for name in names for r in result.mean_curve(name)), default=0)
+    if last:
+        curves.add_vrect(x0=(1 - window) * last, x1=last, fillcolor="grey", opacity=0.12, line_width=0,
+                         annotation_text=f"last {window:.0%}", annotation_position="top left")
+
+    first_seed = min((run.seed for run in result.runs), default=0)
+    grid_lines = {}
+    for name in names:
+        points = sorted((run.lr, run.final_val_loss) for run in result.runs_of(name)
+                        if run.seed == first_seed and run.status == "ok")
+        grid_lines[name] = ([lr for lr, _ in points], [loss for _, loss in points])
+    lr_grid = line_plot(grid_lines, "peak learning rate", "final validation loss", log_x=True,
+                        title="Learning-rate grid (first seed; a missing point diverged)")
+
+    placement = make_subplots(rows=1, cols=2, column_widths=[0.5, 0.5], horizontal_spacing=0.15,
+                              subplot_titles=("final validation loss vs attention share",
+                                              "layer layout, best first (dark: attention; mid: window)"))
+    placement.add_trace(go.Scatter(
+        x=[100 * v.attention_ratio for v in ranked], y=means, mode="markers+text",
+        error_y={"type": "data", "symmetric": False,
+                 "array": [summaries[n]["max"] - summaries[n]["mean"] for n in names],
+                 "arrayminus": [summaries[n]["mean"] - summaries[n]["min"] for n in names]},
+        text=names, textposition="top center", customdata=[f"{v.layout}, {summaries[v.name]['n']} seed(s)"
+                                                           for v in ranked],
+        hovertemplate="%{text} %{customdata}<br>%{x:.0f}% attention<br>val loss %{y:.4f}<extra></extra>",
+        showlegend=False), row=1, col=1)
+    depth = max((len(v.layout) for v in ranked), default=0)
+    placement.add_trace(go.Heatmap(
+        z=[[{"A": 1.0, "S": 0.5}.get(c, 0.0) for c in v.layout] + [None] * (depth - len(v.layout)) for v in ranked],
+        x=list(range(depth)), y=[f"{v.name} ({mean:.3f})" for v, mean in zip(ranked, means)],
+        colorscale=[[0.0, "#dbe7f3"], [1.0, "#1f3b73"]], zmin=0, zmax=1, showscale=False, xgap=2, ygap=2,
+        hovertemplate="%{y}<br>layer %{x}<extra></extra>"), row=1, col=2)
+    placement.update_xaxes(title_text="attention layers (%)", row=1, col=1)
+    placement.update_yaxes(title_text="final validation loss", row=1, col=1)
+    placement.update_xaxes(title_text="layer", dtick=1, row=1, col=2)
+    placement.update_yaxes(autorange="reversed", row=1, col=2)
+    placement.update_layout(title="Where attention goes and what it buys", height=420 + 12 * len(ranked))
+
+    on_gpu = any(v.peak_memory_mib is not None for v in ranked)
+    second = ("peak GPU memory (MiB)", "peak_memory_mib") if on_gpu else ("training seconds", "train_seconds")
+    throughput = make_subplots(rows=1, cols=2, subplot_titles=("training tokens/s", second[0]))
+    throughput.add_trace(go.Bar(x=names, y=[v.tokens_per_second for v in ranked], showlegend=False), row=1, col=1)
+    throughput.add_trace(go.Bar(x=names, y=[getattr(v, second[1]) for v in ranked], showlegend=False), row=1, col=2)
+    throughput.update_layout(title="Throughput and memory per variant (best loss first)")
+    return {"val_loss": curves, "lr_grid": lr_grid, "placement": placement, "throughput": throughput}
+
+
+def scaling_figure(rows: Sequence[Mapping], fits: Mapping[str, dict], x: str = "params", x_title: str = "",
+                   title: str = "", by: str = "arch") -> go.Figure:
+    """Mean validation loss over seeds against `x` (log axis; bars: worst to best seed), one line per
+    architecture (`seed_summary_plot` of `gdn_lab.scaling.add_flops` rows), with its saturating fit
+    (`scaling.fit_architectures`) drawn dotted across the measured range. Traces: one line per
+    architecture, then one fit per architecture whose fit succeeded."""
+    figure = seed_summary_plot(rows, x, x_title or x, "final validation loss", by=by, title=title, log_x=True)
+    for i, arch in enumerate(dict.fromkeys(str(row[by]) for row in rows)):
+        entry = fits.get(arch, {})
+        if "error" in entry or not entry:
+            continue
+        fit = fit_of(entry)
+        mine = sorted((r for r in rows if str(r[by]) == arch and r["mean"] is not None), key=lambda r: r["params"])
+        # the fit is in parameters; x may be FLOPs: map a log grid of sizes onto x through the measured points
+        params = np.exp(np.linspace(math.log(mine[0]["params"]), math.log(mine[-1]["params"]), 50))
+        xs = np.exp(np.interp(np.log(params), np.log([r["params"] for r in mine]), np.log([r[x] for r in mine])))
+        figure.add_trace(go.Scatter(
+            x=xs.tolist(), y=fit.predict(params.tolist()), mode="lines", hoverinfo="skip",
+            line={"dash": "dot", "color": _color(i)}, name=f"{arch} fit: alpha {fit.alpha:.2f}, c {fit.c:.2f}"))
+    return figure
 
 
 def plotly_cache_dir() -> pathlib.Path:

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from gdn_lab import ablations, stats, tasks
+from gdn_lab import ablations, recall, stats, tasks
 from gdn_lab.config import ConfigError, ModelConfig, TrainConfig
 from gdn_lab.data import lm_data
 from gdn_lab.protocol import lr_grid, total, tune_then_seed
@@ -85,7 +85,7 @@ def test_tune_then_seed_on_mqar(tmp_path):
     config = BASE.replace(vocab_size=32)
     points = [({"variant": "GDN"}, config, data), ({"variant": "no decay"}, config.replace(use_decay=False), data)]
     train_config = TrainConfig(steps=3, batch_size=4, warmup_steps=1, eval_every=3, eval_batches=1, device="cpu")
-    score = tasks.evaluate_task
+    score = recall.evaluate_task
     result = tune_then_seed(points, train_config, tmp_path, [1e-3, 3e-3], [0, 1], metric="accuracy", score=score)
     assert len(result.records) == 2 * 2 + 2 * 1  # the grid at seed 0, then one more seed at the chosen rate
     for point in ("GDN", "no decay"):

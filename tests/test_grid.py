@@ -5,13 +5,13 @@ import json
 
 import pytest
 
-from gdn_lab import grid, stats, tasks
+from gdn_lab import grid, recall, stats
 from gdn_lab.config import ConfigError, ModelConfig, TrainConfig
 from gdn_lab.tasks import TaskData
 
 TINY = ModelConfig(vocab_size=16, hidden_size=16, num_layers=1, num_heads=2, head_dim=8, backend="torch")
 TRAIN = TrainConfig(steps=3, batch_size=4, seq_len=16, warmup_steps=0, eval_every=0, eval_batches=1, device="cpu")
-SCORE = functools.partial(tasks.evaluate_task, batch_size=8, num_batches=1)
+SCORE = functools.partial(recall.evaluate_task, batch_size=8, num_batches=1)
 
 
 def _points():

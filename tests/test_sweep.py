@@ -24,7 +24,6 @@ from gdn_lab.sweep import (
     run_sweep,
     seed_learning_rate,
     steps_within,
-    sweep_figures,
 )
 
 BASE = ModelConfig(vocab_size=256, hidden_size=32, num_layers=2, num_heads=2, head_dim=8, attn_num_heads=2,
@@ -250,20 +249,6 @@ def test_compare_with_seed_orders_and_pairs():
     assert partial["seed_order"] == ["gdn"] and partial["pairs"] == []
     assert partial["missing"] == ["sparse", "transformer"]
     assert SEED_EXP10["tokens"] == SEED_EXP10["seq_len"] * SEED_EXP10["batch_size"] * SEED_EXP10["steps"]
-
-
-def test_figures_have_a_trace_per_variant(reference):
-    result, _ = reference
-    figures = sweep_figures(result)
-    assert len(figures["val_loss"].data) == 2
-    assert [list(t.y) for t in figures["val_loss"].data] == [[r["val_loss"] for r in result[n].curve]
-                                                              for n in result.ranking()]
-    assert [list(t.y) for t in figures["lr_grid"].data] == [[result[n].final_val_loss] for n in result.ranking()]
-    scatter, grid = figures["placement"].data
-    assert list(scatter.y) == [result[n].final_val_loss for n in result.ranking()]
-    assert [list(row) for row in grid.z] == [[0.0, 1.0 if result[n].layout == "GA" else 0.0]
-                                             for n in result.ranking()]
-    assert len(figures["throughput"].data) == 2
 
 
 def test_steps_within_budget_arithmetic():

@@ -16,6 +16,7 @@ from gdn_lab.data import LMData, lm_data
 from gdn_lab.models import build_model
 from gdn_lab.tasks import TaskData
 from gdn_lab.train import (
+    RunState,
     TrainingDiverged,
     extend_schedule,
     find_checkpoint,
@@ -477,3 +478,13 @@ def test_checkpoints_from_before_the_sidecars_still_resume_in_step_order(data, r
     assert find_checkpoint(run_dir).name == "step_12.pt"  # by the step inside, not by name (step_6 > step_12)
     (run_dir / "checkpoints" / "step_12.pt").write_bytes(b"not a zip")
     assert find_checkpoint(run_dir, quiet=True).name == "step_6.pt"
+
+
+def test_a_checkpoint_saves_the_run_state_under_the_keys_old_runs_resume_from(reference):
+    saved = torch.load(reference.run_dir / "checkpoints" / "final.pt", weights_only=True)
+    assert set(saved) == {"model", "optimizer", "scaler", "rng", "train_config", "model_config",  # the keys
+                          "schedule", "step", "tokens", "stopped_early", "train_seconds", "best_val_loss", "history"}
+    state = RunState.from_payload(saved)
+    assert state.payload() == {key: saved[key] for key in state.payload()}
+    assert state.step == state.total_steps == 12 and state.history == reference.history
+    assert state.best_val_loss == reference.metrics["best_val_loss"] and not state.stopped_early

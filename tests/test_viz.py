@@ -1,10 +1,13 @@
 """Every figure builder returns a go.Figure with the expected traces and frames for a tiny input."""
+import math
+
 import numpy as np
 import plotly.graph_objects as go
 import pytest
 import torch
 
-from gdn_lab import viz
+from gdn_lab import scaling, viz
+from gdn_lab.sweep import SweepResult, VariantResult
 
 B, T, H, K, V = 2, 12, 3, 4, 8
 TOKENS = [f"w{t}" for t in range(T)]
@@ -105,6 +108,56 @@ def test_line_plot_draws_a_trace_per_series():
     fig = viz.line_plot({"gdn": ([16, 32], [1.0, 0.9]), "attn": ([16, 32], [1.0, 1.0])}, "seq len", "accuracy",
                         log_x=True)
     assert [trace.name for trace in fig.data] == ["gdn", "attn"] and fig.layout.xaxis.type == "log"
+
+
+def test_passkey_heatmap_has_a_depth_by_length_panel_per_model():
+    records = [{"context_len": n, "depth": d, "accuracy": n / 1000 + d} for n in (256, 128) for d in (0.5, 0.0)]
+    fig = viz.passkey_heatmap({"gdn": records, "transformer": records[1:]}, title="passkey")
+    assert [t.type for t in fig.data] == ["heatmap", "heatmap"] and fig.layout.title.text == "passkey"
+    assert list(fig.data[0].x) == ["128", "256"] and list(fig.data[0].y) == ["0.00", "0.50"]
+    assert [list(row) for row in fig.data[0].z] == [[0.128, 0.256], [0.628, 0.756]]
+    assert math.isnan(fig.data[1].z[1][1])  # (256, 0.5) is missing from the second table
+    assert [t.showscale for t in fig.data] == [False, True]  # one colour scale, on the last panel
+
+
+def _sweep_run(name: str, layout: str, lr: float, loss: float, seed: int = 0) -> VariantResult:
+    curve = [{"step": step, "tokens": 100 * step, "val_loss": loss + 1 / step} for step in (1, 2, 3)]
+    return VariantResult(name=name, attn_layers=tuple(i for i, c in enumerate(layout) if c == "A"), layout=layout,
+                         attention_ratio=layout.count("A") / len(layout), lr=lr, params=1, status="ok", seed=seed,
+                         final_val_loss=curve[-1]["val_loss"], tokens_per_second=1000.0, train_seconds=2.0,
+                         curve=curve)
+
+
+def test_sweep_figures_have_a_trace_per_variant():
+    result = SweepResult([_sweep_run("gdn", "GG", 1e-3, 2.0), _sweep_run("gdn", "GG", 2e-3, 2.5),
+                          _sweep_run("late", "GA", 1e-3, 1.5), _sweep_run("late", "GA", 1e-3, 1.7, seed=1)], {})
+    figures = viz.sweep_figures(result)
+    assert result.ranking() == ["late", "gdn"]
+    assert [t.name for t in figures["val_loss"].data] == ["late", "gdn"]
+    assert list(figures["val_loss"].data[1].y) == [r["val_loss"] for r in result["gdn"].curve]
+    assert list(figures["val_loss"].data[0].y) == pytest.approx([1.6 + 1 / step for step in (1, 2, 3)])  # 2 seeds
+    assert [list(t.x) for t in figures["lr_grid"].data] == [[1e-3], [1e-3, 2e-3]]  # first seed's grid
+    scatter, layout = figures["placement"].data
+    assert list(scatter.x) == [50.0, 0.0] and list(scatter.y) == pytest.approx([1.6 + 1 / 3, 2.0 + 1 / 3])
+    assert [list(row) for row in layout.z] == [[0.0, 1.0], [0.0, 0.0]]
+    assert [t.type for t in figures["throughput"].data] == ["bar", "bar"]
+    assert figures["throughput"].layout.annotations[1].text == "training seconds"  # no GPU memory on the CPU
+
+
+def test_scaling_figure_draws_each_fit_across_its_measured_sizes():
+    sizes = [1e6, 2e6, 4e6, 8e6]
+    rows = [{"arch": arch, "params": n, "flops": 6 * n * 1e5, "mean": loss, "min": loss - 0.01,
+             "max": loss + 0.01, "n": 2, "values": [loss - 0.01, loss + 0.01]}
+            for arch, scale in (("gdn", 10.0), ("transformer", 12.0)) for n in sizes
+            for loss in [2.0 + scale * (n / 1e6) ** -0.5 / 10]]
+    fits = scaling.fit_architectures(rows, samples=20)
+    fits["transformer"] = {"sizes": sizes, "error": "too few sizes"}
+    fig = viz.scaling_figure(rows, fits, x="flops", title="scaling")
+    fit = scaling.fit_of(fits["gdn"])
+    assert [t.name for t in fig.data] == ["gdn", "transformer", f"gdn fit: alpha {fit.alpha:.2f}, c {fit.c:.2f}"]
+    line = fig.data[2]
+    assert line.x[0] == pytest.approx(6e11) and line.x[-1] == pytest.approx(4.8e12)  # mapped onto FLOPs
+    assert line.y[0] == pytest.approx(rows[0]["mean"], abs=1e-3) and fig.layout.xaxis.type == "log"
 
 
 def test_save_html_shares_one_plotly_js_per_folder(tmp_path, gates):
