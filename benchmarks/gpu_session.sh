@@ -45,7 +45,10 @@ echo \"$job rc=\$? \$((SECONDS - start))s\" >>'$R/steps.txt'; touch '$R/$job.don
 
 declare -A JOB_COMMAND=(
   [nb02]="python3 -m gdn_lab run 02_toy_tasks --profile full --run-dir $R/nb02"
+  [nb04]="python3 -m gdn_lab run 04_hybrids --profile full --run-dir $R/nb04"
   [nb05]="python3 -m gdn_lab run 05_long_context --profile full --run-dir $R/nb05"
+  [nb07]="python3 -m gdn_lab run 07_ablations --profile full --run-dir $R/nb07"
+  [nb08]="python3 -m gdn_lab run 08_scaling --profile full --run-dir $R/nb08"
   [hybrids]="python3 benchmarks/hybrids.py --out $R/hybrids_${DEV}.json --fig-dir $R/hybrids_figures \
 --sweep-dir /tmp/hybrids-runs"
 )
@@ -53,6 +56,7 @@ declare -A JOB_COMMAND=(
 case "${1:-}" in
 timings)
   # TIMED and BACKGROUND choose the steps (default: all); e.g. TIMED=train_throughput BACKGROUND="nb02 nb05"
+  # (the chain runs its jobs one after another: processes side by side time-slice one GPU)
   timed_steps=${TIMED:-parity train_throughput long_context}
   jobs=${BACKGROUND-nb05 nb02 hybrids}
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$R/gpu.txt"
@@ -68,6 +72,10 @@ timings)
   for job in $jobs; do
     [ -n "${JOB_COMMAND[$job]:-}" ] || { echo "unknown background job $job" >&2; exit 2; }
   done
+  # nb02 starts from the committed finished trials of its interrupted profile (grid.run reads them back)
+  if [[ " $jobs " == *" nb02 "* ]]; then
+    mkdir -p "$R/nb02/02_toy_tasks" && tar xJf benchmarks/results/02_toy_tasks/finished_trials_h200.tar.xz -C "$R/nb02/02_toy_tasks"
+  fi
   # shellcheck disable=SC2086
   [ -z "$jobs" ] || chain $jobs
   echo "$jobs" >"$R/background.txt"
