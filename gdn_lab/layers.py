@@ -103,6 +103,17 @@ def _assign(buffer: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return buffer.copy_(value)
 
 
+def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                          history: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, T, C] through a causal depthwise conv of width W: weight [C, 1, W], bias [C] or None,
+    starting from `history` [B, C, W - 1] (the inputs before x; zeros when None). Returns (y [B, T, C],
+    the last W - 1 inputs [B, C, W - 1]: the next call's history). No activation."""
+    channels, width = x.shape[-1], weight.shape[-1]
+    history = history.to(x.dtype) if history is not None else x.new_zeros(x.shape[0], channels, width - 1)
+    window = torch.cat([history, x.transpose(1, 2)], dim=-1)                     # [B, C, W - 1 + T]
+    return F.conv1d(window, weight, bias, groups=channels).transpose(1, 2), window[..., -(width - 1):]
+
+
 def l2_normalize(x: torch.Tensor, eps: float = L2NORM_EPS) -> torch.Tensor:
     """x / sqrt(sum(x^2) + eps) over the last dim, in fp32, returned in x's dtype (as FLA's l2norm)."""
     x32 = x.float()
@@ -431,11 +442,7 @@ class GatedDeltaNet(FromConfig, KernelBackend, nn.Module):
         qkv, conv_state = p.qkv, None
         if self.use_short_conv:
             weight, bias = self._conv_parameters()
-            history = state.conv.to(qkv.dtype) if state is not None else qkv.new_zeros(
-                qkv.shape[0], self.conv_dim, self.conv_size - 1)
-            window = torch.cat([history, qkv.transpose(1, 2)], dim=-1)        # [B, C, W - 1 + T]
-            qkv = F.conv1d(window, weight, bias, groups=self.conv_dim).transpose(1, 2)
-            conv_state = window[..., -(self.conv_size - 1):]
+            qkv, conv_state = causal_depthwise_conv(qkv, weight, bias, None if state is None else state.conv)
         q, k, v = self._split_heads(*self._split_qkv(F.silu(qkv)))
         g, beta = self._gates(p, mask)
         return GDNFeatures(l2_normalize(q), l2_normalize(k), v, g, beta, conv_state, p.gate)
@@ -621,13 +628,11 @@ class Attention(FromConfig, nn.Module):
         the inputs at padded steps, so left padding is exact."""
         if mask is not None:
             qkv = qkv * mask[..., None].to(qkv.dtype)
-        history = state.conv.to(qkv.dtype) if state is not None else qkv.new_zeros(
-            qkv.shape[0], self.conv_dim, self.conv_size - 1)
-        window = torch.cat([history, qkv.transpose(1, 2)], dim=-1)            # [B, C, W - 1 + T]
         weight = torch.cat([conv.weight for conv in (self.q_conv1d, self.k_conv1d, self.v_conv1d)])
+        y, tail = causal_depthwise_conv(qkv, weight, history=None if state is None else state.conv)
         if state is not None:
-            state.conv = _assign(state.conv, window[..., -(self.conv_size - 1):])
-        return F.conv1d(window, weight, groups=self.conv_dim).transpose(1, 2)
+            state.conv = _assign(state.conv, tail)
+        return y
 
     @staticmethod
     def _append(state: KVState, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
