@@ -245,6 +245,11 @@ def from_fla(fla_model, backend: str = "auto") -> CausalLM:
     return model.to(device=weight.device, dtype=weight.dtype)
 
 
+def embedding_params(config: ModelConfig) -> int:
+    """Parameters of the token embedding and the output head (one matrix when tied)."""
+    return config.vocab_size * config.hidden_size * (1 if config.tie_embeddings else 2)
+
+
 def count_params(config: ModelConfig) -> int:
     """Parameters of `CausalLM(config)`, counted from the config alone (no weights allocated)."""
     D, hidden_mlp = config.hidden_size, config.mlp_intermediate_size
@@ -262,8 +267,7 @@ def count_params(config: ModelConfig) -> int:
     per_block = 2 * D + 3 * D * hidden_mlp                                  # norms, MLP
     per_mixer = {"gdn": gdn, "attn": attn, "swa": attn}                     # a window adds no parameters
     mixers = sum(per_mixer[name] for name in config.mixers)
-    embeddings = config.vocab_size * D * (1 if config.tie_embeddings else 2)
-    return embeddings + D + config.num_layers * per_block + mixers
+    return embedding_params(config) + D + config.num_layers * per_block + mixers
 
 
 def preset_table(names: list[str] | None = None) -> str:

@@ -35,7 +35,7 @@ import numpy as np
 
 from . import stats
 from .config import ConfigError, ModelConfig, TrainConfig
-from .models import count_params
+from .models import count_params, embedding_params
 
 # Kaplan et al. 2020, "Scaling Laws for Neural Language Models" (arXiv 2001.08361), eq. 1.1: at
 # convergence, L(N) = (N_c / N)^alpha_N with N non-embedding parameters (WebText2, BPE, nats per token).
@@ -215,11 +215,6 @@ def chinchilla_exponent(sizes: Sequence[float], tokens_per_param: float, law: Ma
 
 
 # ----------------------------------------------------------------------------- sizes, budgets, FLOPs
-
-
-def embedding_params(config: ModelConfig) -> int:
-    """Parameters of the token embedding and the output head (one matrix when tied)."""
-    return config.vocab_size * config.hidden_size * (1 if config.tie_embeddings else 2)
 
 
 def non_embedding_params(config: ModelConfig) -> int:
