@@ -42,7 +42,7 @@ from .env import pick_device
 from .models import CausalLM, build_model
 from .results import load_json, write_json
 from .stats import summarize
-from .train import TrainingDiverged, train
+from .train import TrainingDiverged, read_checkpoint, train
 
 TRIAL_FILE = "trial.json"
 Score = Callable[[CausalLM, Any], dict]
@@ -181,7 +181,7 @@ def load_model(record: dict, backend: str | None = None) -> CausalLM:
     path = folder / "checkpoints" / "final.pt"
     if not path.exists():
         raise ConfigError(f"{folder} has no final checkpoint (status {record.get('status')!r}); train it first")
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    saved = read_checkpoint(path)  # checked against the size and sha256 saved beside it
     config = ModelConfig(**saved["model_config"])
     if backend is not None:
         config = config.replace(backend=backend)

@@ -280,6 +280,13 @@ def verify_checkpoint(path: str | os.PathLike) -> int:
     return stamp["step"]
 
 
+def read_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict:
+    """The payload of the checkpoint at `path` (model and optimizer state, model_config, step, ...)
+    once `verify_checkpoint` accepts it; ConfigError (one line, naming the file) otherwise."""
+    verify_checkpoint(path)
+    return _read_checkpoint(pathlib.Path(path), torch.device(device))
+
+
 def _read_sidecar(path: pathlib.Path) -> dict:
     """The step, size and sha256 saved beside checkpoint `path`; ConfigError when they cannot be read."""
     try:

@@ -61,6 +61,10 @@ def test_run_records_resumes_and_refuses_other_settings(tmp_path, monkeypatch):
         grid.run(other, tmp_path, score=SCORE)
     model = grid.load_model(records[0])
     assert model.num_params() == records[0]["num_params"] and not model.training
+    final = tmp_path / trials[0].folder / "checkpoints" / "final.pt"
+    final.write_bytes(final.read_bytes()[:-10])  # truncated: refused in one line that names it
+    with pytest.raises(ConfigError, match="final.pt is truncated"):
+        grid.load_model(records[0])
 
 
 def test_best_over_lr_and_over_seeds():
