@@ -190,14 +190,20 @@ def load_model(record: dict, backend: str | None = None) -> CausalLM:
     return model.eval()
 
 
-def _point_key(record: dict, labels: Sequence[str]) -> tuple:
-    return tuple(json.dumps(record.get(key), sort_keys=True) for key in labels)
-
-
 def _labels_of(records: Sequence[dict]) -> list[str]:
     """The label keys of grid records: everything before 'lr' in a record."""
     keys = list(records[0])
     return keys[:keys.index("lr")]
+
+
+def _groups(records: Sequence[dict], by_seed: bool) -> list[list[dict]]:
+    """The records grouped by point (labels equal), and by seed too with `by_seed`, in first-seen order."""
+    labels = _labels_of(records)
+    groups: dict[tuple, list[dict]] = {}
+    for record in records:
+        key = tuple(json.dumps(record.get(name), sort_keys=True) for name in labels)
+        groups.setdefault(key + ((record["seed"],) if by_seed else ()), []).append(record)
+    return list(groups.values())
 
 
 def best_over_lr(records: Sequence[dict], metric: str, higher_is_better: bool = True) -> list[dict]:
@@ -206,10 +212,6 @@ def best_over_lr(records: Sequence[dict], metric: str, higher_is_better: bool = 
     zoology the choice is made on the scores themselves: it reports what the best rate reached."""
     if not records:
         return []
-    labels = _labels_of(records)
-    groups: dict[tuple, list[dict]] = {}
-    for record in records:
-        groups.setdefault(_point_key(record, labels) + (record["seed"],), []).append(record)
 
     def rank(record: dict) -> tuple:
         value = record.get(metric)
@@ -218,7 +220,7 @@ def best_over_lr(records: Sequence[dict], metric: str, higher_is_better: bool = 
         return (1, value if higher_is_better else -value, -(record.get("final_val_loss") or 0.0))
 
     best = []
-    for group in groups.values():
+    for group in _groups(records, by_seed=True):
         chosen = dict(max(group, key=rank))
         chosen["lr_scores"] = {f"{r['lr']:g}": r.get(metric) for r in group}
         best.append(chosen)
@@ -231,11 +233,8 @@ def over_seeds(records: Sequence[dict], metric: str) -> list[dict]:
     if not records:
         return []
     labels = _labels_of(records)
-    groups: dict[tuple, list[dict]] = {}
-    for record in records:
-        groups.setdefault(_point_key(record, labels), []).append(record)
     rows = []
-    for group in groups.values():
+    for group in _groups(records, by_seed=False):
         group = sorted(group, key=lambda r: r["seed"])
         rows.append({**{key: group[0][key] for key in labels}, **summarize([r.get(metric) for r in group]),
                      "metric": metric, "seeds": [r["seed"] for r in group], "lrs": [r["lr"] for r in group]})
