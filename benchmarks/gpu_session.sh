@@ -32,15 +32,34 @@ timed() {  # timed SECONDS NAME command...: run, log to $R/NAME.log, record the 
   echo "$name rc=$rc $((SECONDS - start))s" | tee -a "$R/steps.txt"
 }
 
-chain() {  # chain JOB...: the jobs one after another, in the background; each leaves $R/JOB.done
-  local script="$R/chain.sh" job
+job_line() {  # job_line JOB: the shell line that runs JOB, logs it and leaves $R/JOB.done
+  echo "start=\$SECONDS; timeout 1500 ${JOB_COMMAND[$1]} >'$R/$1.log' 2>&1; \
+echo \"$1 rc=\$? \$((SECONDS - start))s\" >>'$R/steps.txt'; touch '$R/$1.done'"
+}
+
+chain() {  # chain JOB...: the jobs one after another, in the background; "nb02+nb05" runs two side by side
+  local script="$R/chain.sh" step job
   echo "set -u; cd '$PWD'" >"$script"
-  for job in "$@"; do
-    echo "start=\$SECONDS; timeout 1500 ${JOB_COMMAND[$job]} >'$R/$job.log' 2>&1; \
-echo \"$job rc=\$? \$((SECONDS - start))s\" >>'$R/steps.txt'; touch '$R/$job.done'" >>"$script"
+  for step in "$@"; do
+    for job in ${step//+/ }; do
+      if [[ $step == *+* ]]; then echo "( $(job_line "$job") ) &" >>"$script"; else job_line "$job" >>"$script"; fi
+    done
+    [[ $step == *+* ]] && echo "wait" >>"$script"
   done
   setsid nohup bash "$script" </dev/null >/dev/null 2>&1 &
   echo "background, in this order: $*" | tee -a "$R/steps.txt"
+}
+
+start_mps() {  # MPS=1: one MPS server lets small models' kernels from several processes run at once
+  # (without it, processes take turns on the GPU). A user-space daemon; the card's settings stay as they are.
+  # (default pipe directory, so that every later process on this machine, tests too, goes through it)
+  if nvidia-cuda-mps-control -d && timeout 90 python3 -c "import torch; print(torch.ones(1, device='cuda').sum().item())"; then
+    echo "MPS on" | tee -a "$R/steps.txt"
+  else
+    echo quit | nvidia-cuda-mps-control 2>/dev/null
+    echo "MPS did not start: processes take turns on the GPU" | tee -a "$R/steps.txt"
+    return 1
+  fi
 }
 
 declare -A JOB_COMMAND=(
@@ -55,8 +74,8 @@ declare -A JOB_COMMAND=(
 
 case "${1:-}" in
 timings)
-  # TIMED and BACKGROUND choose the steps (default: all); e.g. TIMED=train_throughput BACKGROUND="nb02 nb05"
-  # (the chain runs its jobs one after another: processes side by side time-slice one GPU)
+  # TIMED and BACKGROUND choose the steps (default: all); e.g. TIMED=train_throughput BACKGROUND="nb04 nb02+nb05"
+  # (the chain runs its jobs one after another, "a+b" side by side: without MPS=1 processes time-slice one GPU)
   timed_steps=${TIMED:-parity train_throughput long_context}
   jobs=${BACKGROUND-nb05 nb02 hybrids}
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$R/gpu.txt"
@@ -69,11 +88,18 @@ timings)
       *) echo "unknown timed step $step" >&2 ;;
     esac
   done
-  for job in $jobs; do
+  for job in ${jobs//+/ }; do
     [ -n "${JOB_COMMAND[$job]:-}" ] || { echo "unknown background job $job" >&2; exit 2; }
   done
+  # side by side only through MPS; notebook 04 then trains all its steps (its max_seconds cap would
+  # measure a shared GPU and plan fewer: fifth session); without MPS the jobs run one after another
+  if [ "${MPS:-0}" = 1 ] && start_mps; then
+    JOB_COMMAND[nb04]+=" --param max_seconds=None"
+  else
+    jobs=${jobs//+/ }
+  fi
   # nb02 starts from the committed finished trials of its interrupted profile (grid.run reads them back)
-  if [[ " $jobs " == *" nb02 "* ]]; then
+  if [[ " ${jobs//+/ } " == *" nb02 "* ]]; then
     mkdir -p "$R/nb02/02_toy_tasks" && tar xJf benchmarks/results/02_toy_tasks/finished_trials_h200.tar.xz -C "$R/nb02/02_toy_tasks"
   fi
   # shellcheck disable=SC2086
@@ -85,12 +111,12 @@ timings)
 collect)
   wait_s=${2:-330}  # after the tests: within one 10-minute call
   # correctness only, so it may share the GPU with the background runs
-  [ -e "$R/gpu_tests.log" ] || timed 240 gpu_tests python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_parity.py \
+  [ -e "$R/gpu_tests.log" ] || [ "${TESTS:-1}" = 0 ] || timed 240 gpu_tests python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_parity.py \
     tests/test_gpu_train.py tests/test_longctx.py tests/test_probe.py \
     --deselect tests/test_gpu_parity.py::test_parity_script_meets_fla_tolerances
   for _ in $(seq "$wait_s"); do
     pending=0
-    for job in $(cat "$R/background.txt" 2>/dev/null); do [ -e "$R/$job.done" ] || pending=1; done
+    for job in $(tr + ' ' <"$R/background.txt" 2>/dev/null); do [ -e "$R/$job.done" ] || pending=1; done
     [ "$pending" = 0 ] && break
     sleep 1
   done
