@@ -64,7 +64,8 @@ start_mps() {  # MPS=1: one MPS server lets small models' kernels from several p
 
 declare -A JOB_COMMAND=(
   [nb02]="python3 -m gdn_lab run 02_toy_tasks --profile full --run-dir $R/nb02"
-  [nb04]="python3 -m gdn_lab run 04_hybrids --profile full --run-dir $R/nb04"
+  # notebook 04 trains all its steps: its max_seconds cap measured a shared GPU twice and planned fewer
+  [nb04]="python3 -m gdn_lab run 04_hybrids --profile full --run-dir $R/nb04 --param max_seconds=None"
   [nb05]="python3 -m gdn_lab run 05_long_context --profile full --run-dir $R/nb05"
   [nb07]="python3 -m gdn_lab run 07_ablations --profile full --run-dir $R/nb07"
   [nb08]="python3 -m gdn_lab run 08_scaling --profile full --run-dir $R/nb08"
@@ -76,7 +77,8 @@ case "${1:-}" in
 timings)
   # TIMED and BACKGROUND choose the steps (default: all); e.g. TIMED=train_throughput BACKGROUND="nb04 nb02+nb05"
   # (the chain runs its jobs one after another, "a+b" side by side: without MPS=1 processes time-slice one GPU)
-  timed_steps=${TIMED:-parity train_throughput long_context}
+  # (TIMED="" runs none: `-` not `:-`, which took an empty TIMED for unset and cost the sixth session 4 minutes)
+  timed_steps=${TIMED-parity train_throughput long_context}
   jobs=${BACKGROUND-nb05 nb02 hybrids}
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$R/gpu.txt"
   for step in $timed_steps; do
@@ -91,17 +93,17 @@ timings)
   for job in ${jobs//+/ }; do
     [ -n "${JOB_COMMAND[$job]:-}" ] || { echo "unknown background job $job" >&2; exit 2; }
   done
-  # side by side only through MPS; notebook 04 then trains all its steps (its max_seconds cap would
-  # measure a shared GPU and plan fewer: fifth session); without MPS the jobs run one after another
-  if [ "${MPS:-0}" = 1 ] && start_mps; then
-    JOB_COMMAND[nb04]+=" --param max_seconds=None"
-  else
-    jobs=${jobs//+/ }
-  fi
-  # nb02 starts from the committed finished trials of its interrupted profile (grid.run reads them back)
-  if [[ " ${jobs//+/ } " == *" nb02 "* ]]; then
-    mkdir -p "$R/nb02/02_toy_tasks" && tar xJf benchmarks/results/02_toy_tasks/finished_trials_h200.tar.xz -C "$R/nb02/02_toy_tasks"
-  fi
+  # side by side only through MPS; without it the jobs run one after another
+  [ "${MPS:-0}" = 1 ] && start_mps || jobs=${jobs//+/ }
+  # a notebook starts from the committed finished trials of its interrupted profile, where there are
+  # some (benchmarks/partial_results.py packs them; grid.run and sweep.run_sweep read them back)
+  for job in ${jobs//+/ }; do
+    stem=$(sed -n 's/.* run \([0-9][0-9]_[a-z_]*\) .*/\1/p' <<<"${JOB_COMMAND[$job]}")
+    finished=benchmarks/results/$stem/finished_trials_h200.tar.xz
+    if [ -n "$stem" ] && [ -f "$finished" ]; then
+      mkdir -p "$R/$job/$stem" && tar xJf "$finished" -C "$R/$job/$stem" && echo "$job: resumes from $finished"
+    fi
+  done
   # shellcheck disable=SC2086
   [ -z "$jobs" ] || chain $jobs
   echo "$jobs" >"$R/background.txt"

@@ -102,3 +102,51 @@ def test_cpu_train_step_compares_the_same_model_on_two_recurrences(monkeypatch, 
     # the same weights and batch through two implementations of one recurrence: the same losses
     assert naive["last_loss"] == pytest.approx(ours["last_loss"], rel=1e-4)
     assert ours["tokens_per_second"] > 0 and json.loads((tmp_path / "ours.json").read_text())["results"] == ours
+
+
+def test_partial_results_summarise_and_resume_an_interrupted_grid(tmp_path, monkeypatch):
+    """benchmarks/partial_results.py: a grid that finished some trials is summarised (complete points
+    flagged), packed without checkpoints, and `grid.run` reads the pack back without training it."""
+    import functools
+    import tarfile
+
+    from gdn_lab import grid, recall
+    from gdn_lab.config import ModelConfig, TrainConfig
+    from gdn_lab.tasks import TaskData
+
+    partial = load_benchmark("partial_results")
+    config = ModelConfig(vocab_size=16, hidden_size=16, num_layers=1, num_heads=2, head_dim=8, backend="torch")
+    train = TrainConfig(steps=2, batch_size=4, seq_len=16, warmup_steps=0, eval_every=0, eval_batches=1, device="cpu")
+    data = TaskData("mqar", vocab_size=16, seq_len=16, seed=0, num_kv_pairs=2)
+    points = [({"model": "GDN"}, config, data),
+              ({"model": "Transformer"}, config.replace(attn_layers="transformer"), data)]
+    trials = grid.expand(points, train, learning_rates=[1e-3, 3e-3], seeds=[0, 1])
+    score = functools.partial(recall.evaluate_task, batch_size=4, num_batches=1)
+    finished = grid.run(trials[:5], tmp_path / "run" / "mqar", score=score)  # GDN complete, one Transformer trial
+
+    out, packed = tmp_path / "partial.json", tmp_path / "finished.tar.xz"
+    partial.main([str(tmp_path / "run"), "--grid", "mqar:accuracy,exact_match:2", "--learning-rates", "1e-3", "3e-3",
+                  "--source", "test", "--out", str(out), "--pack", str(packed)])
+    summary = json.loads(out.read_text())["results"]["mqar"]
+    by_model = {p["model"]: p for p in summary["points"]}
+    assert summary["trials"] == 5
+    assert (by_model["GDN"]["complete"], by_model["Transformer"]["complete"]) == (True, False)
+    assert by_model["Transformer"]["finished_trials"] == 1 and by_model["GDN"]["accuracy"]["seeds"] == [0, 1]
+    gdn_best = [max((r for r in finished if r["model"] == "GDN" and r["seed"] == s), key=lambda r: r["accuracy"])
+                for s in (0, 1)]
+    assert by_model["GDN"]["accuracy"]["values"] == [r["accuracy"] for r in gdn_best]
+    with tarfile.open(packed) as tar:
+        names = tar.getnames()
+    assert len(names) == 10 and not any(name.endswith(".pt") for name in names)
+
+    fresh = tmp_path / "fresh"
+    with tarfile.open(packed) as tar:
+        tar.extractall(fresh, filter="data")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a packed trial was trained again")
+
+    monkeypatch.setattr(grid, "train", no_training)
+    assert grid.run(trials[:5], fresh / "mqar", score=score) == finished
+    with pytest.raises(AssertionError, match="trained again"):  # the rest still trains
+        grid.run(trials, fresh / "mqar", score=score)
