@@ -55,7 +55,7 @@ from gdn_lab.viz import save_html, sweep_figures  # noqa: E402
 
 # the notebook's defaults (tests/test_benchmarks.py checks that they agree)
 PATTERNS = ["gdn", "transformer", "sparse", "alternating", "late"]
-LEARNING_RATES = [1e-3, 2e-3, 4e-3]
+LEARNING_RATES = [1e-3, 2e-3, 4e-3, 8e-3]
 SMOKE = {"hidden_size": 32, "num_layers": 2, "head_dim": 16, "corpus": "pydoc", "max_chars": 60_000, "seq_len": 32,
          "batch_size": 4, "steps": 6, "eval_every": 1, "eval_batches": 1, "patterns": ["gdn", "transformer"],
          "learning_rates": [1e-3, 3e-3], "seeds": 2, "seeded": 1, "max_seconds": 0,
@@ -80,8 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the grid: every variant at each rate, its best kept")
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the best variants")
     parser.add_argument("--seeded", type=int, default=3, help="how many of the best variants get the extra seeds")
-    parser.add_argument("--max-seconds", type=float, default=570,
-                        help="budget for the whole command; scales --steps down (0: none)")
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="budget for the whole command; scales --steps down (default: none, as the notebook)")
     parser.add_argument("--sweep-dir", default="runs/hybrids", help="run directories (checkpoints; resumable)")
     parser.add_argument("--fig-dir", type=pathlib.Path, help="folder for the figures as HTML")
     args = parser.parse_args(argv)

@@ -32,6 +32,8 @@ from .config import ConfigError, ModelConfig
 BASE = "GDN"
 # Table S.1 of arXiv 2412.06464 (appendix): (Avg-PPL, lower is better; Avg-Acc %, higher is better).
 # "Avg-PPL": the mean of WikiText and LAMBADA perplexity; "Avg-Acc": commonsense reasoning, as its Table 3.
+# Every number below equals two public transcriptions of the table found apart from the one first
+# used (one with all twelve rows, one with the first five); the PDF itself was not read here.
 GDN_PAPER_ABLATIONS = {
     "source": "Yang, Kautz, Hatamizadeh 2024 (arXiv 2412.06464), appendix Table S.1",
     "setting": "400M parameters, 15B tokens of FineWeb-Edu; reference: Gated DeltaNet with head dim 128",

@@ -20,6 +20,8 @@ plus each token mixer's own work beyond its projections, times 3 for forward and
              addition, the read-out S^T q: four K x V operations of 2 FLOPs per element).
   attention: 2 (T + 1) d per token (causal q k^T and the weighted sum of values, 2 FLOPs per
              multiply-add, each over (T + 1) / 2 keys on average at context T; d = hidden size).
+  sliding-window attention (window W): 4 d times the mean over positions of min(t + 1, W) keys,
+             which is the line above when W >= T.
 FLA's chunked kernels also do intra-chunk work of order C (K + V) per token (C = 64), left out.
 
 Published exponents to compare (`KAPLAN_2020`, `CHINCHILLA_2022`): they are fits at other data,
@@ -224,10 +226,19 @@ def non_embedding_params(config: ModelConfig) -> int:
 
 def mixer_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """Forward FLOPs per token of the token mixers' own work beyond their projections (module
-    docstring): 8 H K V per GDN layer, 2 (seq_len + 1) hidden_size per attention layer."""
+    docstring): 8 H K V per GDN layer, 4 hidden_size x (keys a query sees, on average over the
+    sequence) per attention layer: (seq_len + 1) / 2 for full attention, fewer in a window."""
     gdn = 8 * config.num_heads * config.head_dim * config.head_v_dim
-    attention = 2 * (seq_len + 1) * config.hidden_size
-    return float(config.num_gdn_layers * gdn + config.num_attn_layers * attention)
+    full = 4 * config.hidden_size * mean_keys_attended(seq_len)
+    window = 4 * config.hidden_size * mean_keys_attended(seq_len, config.swa_window)
+    return float(config.num_gdn_layers * gdn + config.num_attn_layers * full + config.num_swa_layers * window)
+
+
+def mean_keys_attended(seq_len: int, window: int | None = None) -> float:
+    """The mean over positions t = 0 .. seq_len-1 of the keys a causal query sees, min(t + 1, window):
+    (seq_len + 1) / 2 without a window."""
+    w = seq_len if window is None else min(window, seq_len)
+    return (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:

@@ -85,6 +85,11 @@ def test_flops_formula_on_a_known_config():
     per_token = 6 * n + 6 * 64 * 256 + 3 * 24704
     assert scaling.flops_per_token(config, 128) == per_token
     assert scaling.training_flops(config, 1000, 128) == 1000 * per_token
+    # sliding-window attention: a query at position t sees min(t + 1, W) keys; by brute force over t
+    swa = config.replace(attn_layers=(), swa_layers=(1,), swa_window=32)
+    keys = sum(min(t + 1, 32) for t in range(128)) / 128
+    assert scaling.mean_keys_attended(128, 32) == keys and scaling.mean_keys_attended(128, 512) == 129 / 2
+    assert scaling.mixer_flops_per_token(swa, 128) == 8 * 2 * 16 * 32 + 4 * 64 * keys < 24704
 
 
 def test_size_ladder_and_token_budget():
