@@ -29,6 +29,7 @@ recorded, not raised) and `state_norm_over_context` (||S_t|| of every GDN head a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import random
@@ -79,7 +80,8 @@ class PasskeyExample:
     depth: where the asked needle actually starts, as a fraction of the haystack tokens before it
     (the asked depth moved to the nearest sentence boundary).
     distractor_spans / distractor_keys / distractor_passkeys: the other needles (other keys, other
-    numbers), at their own depths.
+    numbers), at their own depths; distractor_answer_ids: each distractor's number as an answer
+    (the tokens that would follow the question), to tell a wrong answer that is the distractor's.
     haystack_start: (sentence index in the haystack's source, tokens cut from that sentence's
     front): where this prompt's haystack begins.
     """
@@ -95,6 +97,7 @@ class PasskeyExample:
     distractor_keys: tuple[str, ...] = ()
     distractor_passkeys: tuple[str, ...] = ()
     haystack_start: tuple[int, int] = (0, 0)
+    distractor_answer_ids: tuple[torch.Tensor, ...] = ()
 
 
 def random_passkey(rng: random.Random, num_digits: int = 5) -> str:
@@ -232,7 +235,9 @@ def make_haystack(tokenizer, context_len: int, depth: float, passkey: str | None
                           needle_span=spans[0], passkey=passkey, key=key, depth=cut / budget, haystack_len=budget,
                           distractor_spans=tuple(spans[i] for i in range(1, distractors + 1)),
                           distractor_keys=tuple(others), distractor_passkeys=tuple(values),
-                          haystack_start=(start_sentence, skip or 0))
+                          haystack_start=(start_sentence, skip or 0),
+                          distractor_answer_ids=tuple(torch.tensor(_split_answer(tokenizer, value)[1])
+                                                      for value in values))
 
 
 def passkey_examples(tokenizer, context_len: int, depth: float, num_samples: int, seed: int = 0,
@@ -287,21 +292,34 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 @torch.no_grad()
 def score_passkey(model, examples: Sequence[PasskeyExample], batch_size: int = 8,
                   dtype: torch.dtype | None = None) -> dict:
-    """{"accuracy": exact-match rate, "digit_accuracy": answer tokens right / answer tokens}.
+    """{"accuracy": exact-match rate, "digit_accuracy": answer tokens right / answer tokens,
+    "distractor_rate": the share of prompts whose greedy answer is a distractor's number}.
 
+    The distractor rate is scored like the accuracy, with a distractor's number teacher-forced in
+    place of the answer (one more forward per distractor; 0 without distractors): a model that
+    reads the numbers but not the key lands near 1 / (1 + distractors) on each. Exact for tokenizers
+    that split the space before any number alike (the byte tokenizer does).
     `model(inputs [B, T]) -> logits [B, T, vocab]` (a gdn_lab CausalLM or anything alike).
     """
     device = _model_device(model)
-    exact = right = answers = 0
+    exact = right = answers = distracted = 0
     with _evaluating(model):
         for start in range(0, len(examples), batch_size):
-            batch = answer_batch(examples[start: start + batch_size])
+            chunk = examples[start: start + batch_size]
+            batch = answer_batch(chunk)
             with _autocast(device, dtype):
                 logits = model(batch.inputs.to(device))
             exact += int(exact_match(logits, batch).sum())
             right += int(answer_correct(logits, batch).sum())
             answers += int(batch.mask.sum())
-    return {"accuracy": exact / len(examples), "digit_accuracy": right / answers}
+            took_distractor = torch.zeros(len(chunk), dtype=torch.bool, device=logits.device)
+            for d in range(min((len(ex.distractor_answer_ids) for ex in chunk), default=0)):
+                other = answer_batch([dataclasses.replace(ex, answer_ids=ex.distractor_answer_ids[d]) for ex in chunk])
+                with _autocast(device, dtype):
+                    took_distractor |= exact_match(model(other.inputs.to(device)), other)
+            distracted += int(took_distractor.sum())
+    return {"accuracy": exact / len(examples), "digit_accuracy": right / answers,
+            "distractor_rate": distracted / len(examples)}
 
 
 def passkey_accuracy(model, tokenizer, lengths: Sequence[int], depths: Sequence[float], num_samples: int = 10,
@@ -310,7 +328,7 @@ def passkey_accuracy(model, tokenizer, lengths: Sequence[int], depths: Sequence[
     """Passkey retrieval over a grid of context lengths x needle depths.
 
     Returns one record per cell: {"context_len", "depth", "haystack", "num_samples",
-    "accuracy" (exact match, = greedy decoding's), "digit_accuracy"}. `batch_size` prompts go
+    "accuracy" (exact match, = greedy decoding's), "digit_accuracy", "distractor_rate"}. `batch_size` prompts go
     through the model at once; `dtype` (e.g. torch.bfloat16) runs the forward under autocast.
     """
     _require(num_samples >= 1, f"num_samples={num_samples}; use >= 1")
@@ -333,16 +351,19 @@ def passkey_grid(records: Sequence[dict], value: str = "accuracy") -> tuple[list
     return lengths, depths, [[cell.get((n, d), math.nan) for n in lengths] for d in depths]
 
 
+_CELL_RATES = ("accuracy", "digit_accuracy", "distractor_rate")
+
+
 def average_cells(tables: Sequence[Sequence[dict]]) -> list[dict]:
     """`passkey_accuracy` records of several runs (same lengths and depths) averaged cell by cell:
-    "accuracy" and "digit_accuracy" are the means over runs, "runs" how many there were."""
+    each rate ("accuracy", "digit_accuracy", "distractor_rate") is the mean over runs, "runs" how many there were."""
     _require(len(tables) >= 1, "average_cells needs at least one table of passkey_accuracy records")
     cells: dict[tuple[int, float], list[dict]] = {}
     for table in tables:
         for record in table:
             cells.setdefault((record["context_len"], record["depth"]), []).append(record)
-    return [{**group[0], "accuracy": statistics.fmean(r["accuracy"] for r in group),
-             "digit_accuracy": statistics.fmean(r["digit_accuracy"] for r in group), "runs": len(group)}
+    return [{**group[0], **{key: statistics.fmean(r[key] for r in group) for key in _CELL_RATES if key in group[0]},
+             "runs": len(group)}
             for group in cells.values()]
 
 
@@ -452,8 +473,9 @@ def score_passkey_data(model, data: PasskeyData, depths: Sequence[float] = (0.0,
 
     `num_samples` held-out prompts (seeds from `data.test_seed`) per depth in `depths`, each
     `data.max_context_len` tokens (the longest prompt of training) on the data's haystack, scored
-    under the training dtype (bf16 autocast on GPUs). Returns {"exact_match", "digit_accuracy"
-    (means over the depth cells), "exact_match_by_depth": {depth: rate}, "test_samples"}.
+    under the training dtype (bf16 autocast on GPUs). Returns {"exact_match", "digit_accuracy",
+    "distractor_rate" (means over the depth cells; `score_passkey`), "exact_match_by_depth": {depth:
+    rate}, "test_samples"}.
     """
     from .env import pick_dtype
 
@@ -465,6 +487,7 @@ def score_passkey_data(model, data: PasskeyData, depths: Sequence[float] = (0.0,
                              distractors=data.distractors)
     return {"exact_match": statistics.fmean(c["accuracy"] for c in cells),
             "digit_accuracy": statistics.fmean(c["digit_accuracy"] for c in cells),
+            "distractor_rate": statistics.fmean(c["distractor_rate"] for c in cells),
             "exact_match_by_depth": {f"{c['depth']:g}": c["accuracy"] for c in cells},
             "test_samples": num_samples * len(cells)}
 

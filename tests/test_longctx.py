@@ -193,7 +193,13 @@ def test_the_distractor_defeats_copying_the_nearest_number():
     after = sum(ex.needle_span[0] > ex.distractor_spans[0][0] for ex in examples) / len(examples)
     assert scores["accuracy"] == pytest.approx(after)  # right exactly when the needle comes last
     assert 0.2 < scores["accuracy"] < 0.9
-    assert longctx.score_passkey(RetrievalOracle(), examples, batch_size=10)["accuracy"] == 1.0
+    assert scores["distractor_rate"] == pytest.approx(1 - after)  # the distractor's number otherwise
+    oracle = longctx.score_passkey(RetrievalOracle(), examples, batch_size=10)
+    assert (oracle["accuracy"], oracle["distractor_rate"]) == (1.0, 0.0)
+    assert longctx.score_passkey(AlwaysZero(), examples, batch_size=7)["distractor_rate"] == 0.0
+    lone = longctx.passkey_examples(BYTES, 300, 0.5, 4, seed=1, distractors=0)
+    assert longctx.score_passkey(LastNumber(), lone, batch_size=3) == {"accuracy": 1.0, "digit_accuracy": 1.0,
+                                                                      "distractor_rate": 0.0}
 
 
 def test_passkey_grid_is_depth_by_length():
@@ -280,9 +286,12 @@ def test_passkey_data_replace_changes_the_stream_and_keeps_the_rest():
 def test_score_passkey_data_of_fake_models():
     data = longctx.PasskeyData(BYTES, seq_len=200, seed=1, haystack="text")
     score = longctx.score_passkey_data(RetrievalOracle(), data, depths=(0.0, 1.0), num_samples=4, batch_size=4)
-    assert score == {"exact_match": 1.0, "digit_accuracy": 1.0, "exact_match_by_depth": {"0": 1.0, "1": 1.0},
-                     "test_samples": 8}
+    assert score == {"exact_match": 1.0, "digit_accuracy": 1.0, "distractor_rate": 0.0,
+                     "exact_match_by_depth": {"0": 1.0, "1": 1.0}, "test_samples": 8}
     assert longctx.score_passkey_data(AlwaysZero(), data, depths=(0.5,), num_samples=4)["exact_match"] == 0.0
+    # at depth 0 the asked needle comes first, so the last number before the question is the distractor's
+    last = longctx.score_passkey_data(LastNumber(), data, depths=(0.0,), num_samples=4)
+    assert (last["exact_match"], last["distractor_rate"]) == (0.0, 1.0)
     assert longctx.learned(0.9) and not longctx.learned(0.89) and not longctx.learned(None)
 
 

@@ -149,6 +149,9 @@ def check_05_long_context(m: dict) -> None:
             p = m["passkey"][name][haystack]
             assert p["exact_match"]["n"] == len(smoke["seeds"]) and p["seeds"] == smoke["seeds"]
             assert all(0.0 <= v <= 1.0 for v in p["exact_match"]["values"] + p["digit_accuracy"]["values"])
+            # a prompt answered with the distractor's number is not answered right: the two shares add to <= 1
+            assert all(0.0 <= d <= 1.0 - e + 1e-9 for d, e in zip(p["distractor_rate"]["values"],
+                                                                    p["exact_match"]["values"], strict=True))
             assert p["exact_match"]["min"] <= p["exact_match"]["mean"] <= p["exact_match"]["max"]
             assert set(p["chosen_lr"]) <= set(smoke["learning_rates"])
             assert [sorted(s) for s in p["lr_scores"]] == [sorted(f"{r:g}" for r in smoke["learning_rates"])] * len(
