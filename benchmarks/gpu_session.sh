@@ -123,6 +123,10 @@ collect)
     sleep 1
   done
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
+  # memory per process (MPS clients grew trial after trial in the sixth session until the GPU was full)
+  nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader | sort -t, -k2 -n -r | head -16
+  # finished trials per notebook grid, to plan the next call
+  find "$R" -name trial.json -o -name metrics.json -path '*/runs/*' | sed "s|$R/||" | cut -d/ -f1-3 | sort | uniq -c
   # checkpoints stay behind: executed notebooks, metrics, results JSON, figures and logs come back
   tar cJf "$OUT/full_runs.tar.xz" -C "$R" --exclude '*.pt' --exclude 'plotly.min.js' .
   ls -la "$OUT"
