@@ -62,6 +62,22 @@ def test_mqar_answers_match_zoology_layout():
         assert all(t >= 2 for t in inputs)  # filler is content, never PAD or SEP
 
 
+def test_mqar_keys_and_values_are_a_stable_argsort_of_the_draws():
+    """The pairs are the ids of each row's smallest uniform draws, in draw order, ties by position:
+    what a stable argsort of the same draws gives (the sampler uses topk on exact integer keys)."""
+    V, pairs = 8192, 64
+    batch = mqar_task(128, seq_len=512, vocab_size=V, num_kv_pairs=pairs, random_non_queries=False, seed=5)
+    generator = torch.Generator().manual_seed(5)
+    key_draws = torch.rand(128, V // 2 - 2, generator=generator)
+    value_draws = torch.rand(128, V // 2, generator=generator)
+    keys = 2 + key_draws.argsort(dim=1, stable=True)[:, :pairs]
+    values = V // 2 + value_draws.argsort(dim=1, stable=True)[:, :pairs]
+    assert torch.equal(batch.inputs[:, 0:2 * pairs:2], keys) and torch.equal(batch.inputs[:, 1:2 * pairs:2], values)
+    # 4,094 keys drawn 64 at a time: about uniform over the ids (each expected 128 * 64 / 4094 = 2 times)
+    counts = torch.bincount(keys.flatten(), minlength=V // 2)[2:]
+    assert counts.sum() == 128 * pairs and counts.max() <= 12
+
+
 def test_mqar_power_law_puts_queries_near_the_pairs():
     batch = mqar_task(256, seq_len=256, vocab_size=512, num_kv_pairs=4, seed=0)
     gaps = (batch.mask.nonzero()[:, 1] - 8) // 2
