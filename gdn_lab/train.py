@@ -72,6 +72,7 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError, ModelConfig, TrainConfig, get_preset, parse_literal
 from .cuda_graph import GraphedTrainStep, graph_unsupported_reason
+from .data import PrefetchedBatches
 from .env import BackendError, check_training_backend, pick_device, pick_dtype, resolve_backend
 from .results import WriteError, atomic_path, save_results, write_json, write_metrics
 
@@ -591,6 +592,11 @@ class _EagerStep:
         self.optimizer.zero_grad(set_to_none=True)
 
 
+def _prefetch_batches(device: torch.device) -> bool:
+    """Whether train() builds the next batch in a background thread: on accelerators."""
+    return device.type != "cpu"
+
+
 def _read_step(loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, state: RunState, files: _RunFiles,
                launch: Launch) -> tuple[float, float]:
     """The step's loss and gradient norm as floats (one sync); on a NaN/inf loss, checkpoint the weights
@@ -704,12 +710,16 @@ def train(model: torch.nn.Module, train_config: TrainConfig, data, run_dir: str 
             "num_params": num_params})
 
     model.train()
-    with _DeferredInterrupt() as interrupt:
+    # on a GPU the next batch is built in a thread while this step runs (a CPU step is compute-bound
+    # and its threads would only compete with the builder)
+    batches = PrefetchedBatches(data, cfg.batch_size, launch.rank, launch.world_size, last_step=state.total_steps,
+                                enabled=_prefetch_batches(device))
+    with _DeferredInterrupt() as interrupt, batches:
         try:
             while state.step < state.total_steps and not state.stopped_early:
                 started = time.perf_counter()
                 lr = lr_at(state.step, state.schedule)
-                batch = data.train_batch(state.step, cfg.batch_size, launch.rank, launch.world_size).to(device)
+                batch = batches.get(state.step).to(device)
                 if graphed is not None:
                     loss, grad_norm = graphed.forward_backward(batch.inputs, batch.targets, batch.mask)
                     loss_value, grad_norm = _read_step(loss, grad_norm, lr, state, files, launch)

@@ -163,3 +163,29 @@ def test_lm_data_helper_carries_its_tokenizer():
     corpus = embedded_corpus("pydoc", max_chars=20_000).encode("utf-8")
     assert bytes(data.train_batch(0, 2).inputs[0].tolist()) in corpus
     assert data.describe()["tokens"] == len(corpus)
+
+
+def test_prefetched_batches_are_the_loop_batches_in_order():
+    from gdn_lab.data import PrefetchedBatches
+
+    class Recording:
+        def __init__(self):
+            self.asked = []
+
+        def train_batch(self, step, batch_size, rank=0, world_size=1):
+            self.asked.append(step)
+            if step == 7:
+                raise ValueError("no batch 7")
+            return (step, batch_size, rank, world_size)
+
+    source = Recording()
+    with PrefetchedBatches(source, 4, rank=1, world_size=2, last_step=6) as batches:
+        assert [batches.get(s) for s in range(3, 6)] == [(s, 4, 1, 2) for s in range(3, 6)]
+        assert batches._pending is None  # nothing built beyond last_step
+    assert source.asked == [3, 4, 5]  # each once, in order
+    with PrefetchedBatches(source, 4) as batches:
+        assert batches.get(0) == (0, 4, 0, 1) and batches.get(6) == (6, 4, 0, 1)  # a jump builds here
+        with pytest.raises(ValueError, match="no batch 7"):  # the thread's error, raised where it is wanted
+            batches.get(7)
+    off = PrefetchedBatches(Recording(), 2, enabled=False)
+    assert off.get(1) == (1, 2, 0, 1) and off._pending is None

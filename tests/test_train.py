@@ -488,3 +488,18 @@ def test_a_checkpoint_saves_the_run_state_under_the_keys_old_runs_resume_from(re
     assert state.payload() == {key: saved[key] for key in state.payload()}
     assert state.step == state.total_steps == 12 and state.history == reference.history
     assert state.best_val_loss == reference.metrics["best_val_loss"] and not state.stopped_early
+
+
+def test_prefetched_batches_train_the_same_run(data, reference, tmp_path, monkeypatch):
+    """On a GPU train() builds the next batch in a thread; forced on here, the run is the same bitwise,
+    and a Ctrl-C met while building a batch still stops at that step with its checkpoint."""
+    import gdn_lab.train as train_module
+
+    monkeypatch.setattr(train_module, "_prefetch_batches", lambda device: True)
+    prefetched = train(fresh_model(), config(save_every=6), data, tmp_path / "a", progress=False)
+    assert prefetched.history == reference.history
+    with pytest.raises(KeyboardInterrupt):
+        train(fresh_model(), config(save_every=6), InterruptAt(data, 9), tmp_path / "b", progress=False)
+    assert find_checkpoint(tmp_path / "b").name == "step_9.pt"
+    assert train(fresh_model(), config(save_every=6), data, tmp_path / "b", resume="auto",
+                 progress=False).history == reference.history
