@@ -4,7 +4,8 @@
     result = train(model, TrainConfig(steps=200), data, "runs/gdn", resume="auto", extend_steps=100)
 
 Each optimizer step takes the global batch `data.train_batch(step, batch_size, rank, world_size)`
-(a pure function of the step, so resume needs no loader state), splits this rank's rows into
+(a pure function of the step, so resume needs no loader state; on a GPU the next one is built in
+a background thread while the step runs, `data.PrefetchedBatches`), splits this rank's rows into
 `grad_accum` micro-batches, and calls `model(inputs, targets=..., loss_mask=...)` so DDP's hooks
 fire. The loss is the mean over every scored token of the global batch, however it is split
 over micro-steps and ranks. Then: clip, AdamW, the next learning rate.
