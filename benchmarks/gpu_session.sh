@@ -73,6 +73,17 @@ declare -A JOB_COMMAND=(
 --sweep-dir /tmp/hybrids-runs"
 )
 
+pack_partial() {  # pack_partial JOB STEM ARGS...: $R/partial/STEM/{partial.json,finished_trials_<dev>.tar.xz}
+  local job=$1 stem=$2; shift 2
+  [ -d "$R/$job/$stem" ] || return 0
+  mkdir -p "$R/partial/$stem"
+  local args=("$@")
+  [ "$1" = --sweep ] || args+=(--learning-rates 3e-4 1e-3 3e-3 --source "$DEV, commit ${GDN_LAB_COMMIT:-unknown}"
+                               --out "$R/partial/$stem/partial_$DEV.json")
+  python3 benchmarks/partial_results.py "$R/$job/$stem" "${args[@]}" \
+    --pack "$R/partial/$stem/finished_trials_$DEV.tar.xz" >>"$R/partial.log" 2>&1 || echo "pack_partial $job failed" >&2
+}
+
 case "${1:-}" in
 timings)
   # TIMED and BACKGROUND choose the steps (default: all); e.g. TIMED=train_throughput BACKGROUND="nb04 nb02+nb05"
@@ -127,6 +138,11 @@ collect)
   nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader | sort -t, -k2 -n -r | head -16
   # finished trials per notebook grid, to plan the next call
   find "$R" -name trial.json -o -name metrics.json -path '*/runs/*' | sed "s|$R/||" | cut -d/ -f1-3 | sort | uniq -c
+  # the finished trials of each grid, summarised and packed as benchmarks/results/<notebook>/ keeps them
+  # (benchmarks/partial_results.py), in case the profile does not finish in this session
+  pack_partial nb02 02_toy_tasks --grid mqar:accuracy,exact_match:2 --grid state:accuracy:3 --grid copy:exact_match:2
+  pack_partial nb05 05_long_context --grid passkey:exact_match,digit_accuracy,distractor_rate:2
+  pack_partial nb04 04_hybrids --sweep runs
   # checkpoints stay behind: executed notebooks, metrics, results JSON, figures and logs come back
   tar cJf "$OUT/full_runs.tar.xz" -C "$R" --exclude '*.pt' --exclude 'plotly.min.js' .
   ls -la "$OUT"
