@@ -69,6 +69,27 @@ def peak_mib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
+def memory_breakdown(model: torch.nn.Module, optimizer: torch.optim.Optimizer, resident_bytes: int | None,
+                     peak_bytes: int | None, logits_elements: int, logits_element_size: int = 2) -> dict | None:
+    """Where a training step's peak memory goes (issue 23): parameters, optimizer state and gradients
+    counted from the tensors themselves; `resident_bytes` (allocated between steps, after warmup) less
+    parameters and optimizer state is the rest that stays (inputs, buffers); the peak above resident
+    memory and gradients is what the step itself adds: activations kept for the backward, the logits
+    (`logits_elements` x `logits_element_size`, listed for scale: the batch's tokens x vocabulary in
+    bf16) and kernel workspace. MiB; None when the memory was not measured (the CPU)."""
+    if resident_bytes is None or peak_bytes is None:
+        return None
+    parameters = sum(p.numel() * p.element_size() for p in model.parameters())
+    gradients = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    state = sum(t.numel() * t.element_size() for values in optimizer.state.values() for t in values.values()
+                if torch.is_tensor(t))
+    mib = 2 ** 20
+    return {"parameters_mib": parameters / mib, "optimizer_state_mib": state / mib, "gradients_mib": gradients / mib,
+            "other_resident_mib": (resident_bytes - parameters - state) / mib,
+            "step_above_resident_and_gradients_mib": (peak_bytes - resident_bytes - gradients) / mib,
+            "logits_mib": logits_elements * logits_element_size / mib, "peak_mib": peak_bytes / mib}
+
+
 def fla_small_configs(smoke: bool, vocab_size: int, backend: str = "auto") -> dict[str, ModelConfig]:
     """GDN and transformer configs: FLA's 'small' (768d x 12L, 12 heads x 64), or 64d x 2L for --smoke;
     'gdn_v64' is the GDN with value dim = key dim (expand_v 1): within 6% of the transformer's parameters."""

@@ -59,6 +59,7 @@ from benchmarks.common import (  # noqa: E402
     fmt,
     free_memory,
     kernel_profile,
+    memory_breakdown,
     model_configs,
     peak_mib,
     reset_peak,
@@ -143,6 +144,7 @@ def run_cell(name: str, model: torch.nn.Module, context: int, args, device: torc
         for _ in range(args.warmup):
             step()
         synchronize(device)
+        resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
         reset_peak(device)  # after warmup; before the capture, whose memory pool then holds the step's peak
         if graph:
             graphed = GraphedTrainStep(lambda x, y, m: compute_loss(model, x, y), model, optimizer, dtype, 1.0,
@@ -158,9 +160,11 @@ def run_cell(name: str, model: torch.nn.Module, context: int, args, device: torc
             slowest = torch.tensor(seconds, device=device)
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
             seconds = slowest.item()
+        peak = peak_mib(device)
         record.update(tokens_per_s=record["tokens_per_step"] * args.steps / seconds,
-                      ms_per_step=seconds / args.steps * 1e3,
-                      peak_mib=peak_mib(device))
+                      ms_per_step=seconds / args.steps * 1e3, peak_mib=peak,
+                      memory=memory_breakdown(model, optimizer, resident, None if peak is None else int(peak * 2**20),
+                                              batch * context * args.vocab_size))
         if profile and device.type == "cuda":
             record["profile"] = kernel_profile(step, top=12, steps=2)
     except torch.cuda.OutOfMemoryError:

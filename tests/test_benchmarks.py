@@ -150,3 +150,31 @@ def test_partial_results_summarise_and_resume_an_interrupted_grid(tmp_path, monk
     assert grid.run(trials[:5], fresh / "mqar", score=score) == finished
     with pytest.raises(AssertionError, match="trained again"):  # the rest still trains
         grid.run(trials, fresh / "mqar", score=score)
+
+
+def test_memory_breakdown_counts_parameters_state_and_gradients(throughput, tmp_path):
+    """benchmarks/common.memory_breakdown: parameters, AdamW's two moments and the gradients come from
+    the tensors; the rest of resident and peak memory is split as its docstring says."""
+    import torch
+
+    from benchmarks.common import memory_breakdown
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 8))  # 544 + 264 fp32 parameters
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(4, 16)).sum().backward()
+    optimizer.step()
+    params = 808 * 4
+    steps = sum(4 if t.dim() == 0 and t.dtype == torch.float32 else 0
+                for s in optimizer.state.values() for t in s.values())  # AdamW's step counters
+    mib = 2 ** 20
+    got = memory_breakdown(model, optimizer, resident_bytes=3 * params + 1000, peak_bytes=10 * mib,
+                           logits_elements=4 * 8)
+    assert got["parameters_mib"] * mib == params == got["gradients_mib"] * mib
+    assert got["optimizer_state_mib"] * mib == 2 * params + steps
+    assert got["other_resident_mib"] * mib == 1000 - steps
+    assert got["step_above_resident_and_gradients_mib"] * mib == 10 * mib - (3 * params + 1000) - params
+    assert got["logits_mib"] * mib == 64 and got["peak_mib"] == 10
+    assert memory_breakdown(model, optimizer, None, None, 1) is None
+    results = throughput.main(["--smoke", "--device", "cpu", "--models", "gdn", "--contexts", "32", "--rounds", "1",
+                               "--out", str(tmp_path / "t.json")])
+    assert results["records"][0]["memory"] is None  # no memory counters on the CPU
