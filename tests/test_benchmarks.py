@@ -178,3 +178,13 @@ def test_memory_breakdown_counts_parameters_state_and_gradients(throughput, tmp_
     results = throughput.main(["--smoke", "--device", "cpu", "--models", "gdn", "--contexts", "32", "--rounds", "1",
                                "--out", str(tmp_path / "t.json")])
     assert results["records"][0]["memory"] is None  # no memory counters on the CPU
+
+
+def test_readme_tables_are_the_committed_results():
+    """README's research tables equal what benchmarks/results_tables.py writes from benchmarks/results:
+    after a new result JSON, run `python3 benchmarks/results_tables.py --write`."""
+    tables = load_benchmark("results_tables")
+    block = tables.readme_block(tables.README.read_text())
+    assert block is not None, "README.md lost its results-tables markers"
+    assert block == tables.block(), "README's tables differ from the JSON: python3 benchmarks/results_tables.py --write"
+    assert "| GDN | 1.000 [1.000, 1.000] |" in block  # a complete MQAR point, read from partial_protocol_h200.json
