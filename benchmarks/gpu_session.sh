@@ -78,8 +78,7 @@ pack_partial() {  # pack_partial JOB STEM ARGS...: $R/partial/STEM/{partial.json
   [ -d "$R/$job/$stem" ] || return 0
   mkdir -p "$R/partial/$stem"
   local args=("$@")
-  [ "$1" = --sweep ] || args+=(--learning-rates 3e-4 1e-3 3e-3 --source "$DEV, commit ${GDN_LAB_COMMIT:-unknown}"
-                               --out "$R/partial/$stem/partial_$DEV.json")
+  [ "$1" = --sweep ] || args+=(--source "$DEV, commit ${GDN_LAB_COMMIT:-unknown}" --out "$R/partial/$stem/partial_$DEV.json")
   python3 benchmarks/partial_results.py "$R/$job/$stem" "${args[@]}" \
     --pack "$R/partial/$stem/finished_trials_$DEV.tar.xz" >>"$R/partial.log" 2>&1 || echo "pack_partial $job failed" >&2
 }
@@ -140,9 +139,15 @@ collect)
   find "$R" -name trial.json -o -name metrics.json -path '*/runs/*' | sed "s|$R/||" | cut -d/ -f1-3 | sort | uniq -c
   # the finished trials of each grid, summarised and packed as benchmarks/results/<notebook>/ keeps them
   # (benchmarks/partial_results.py), in case the profile does not finish in this session
-  pack_partial nb02 02_toy_tasks --grid mqar:accuracy,exact_match:2 --grid state:accuracy:3 --grid copy:exact_match:2
-  pack_partial nb05 05_long_context --grid passkey:exact_match,digit_accuracy,distractor_rate:2
+  # (the notebooks' default rates and seeds; 07 and 08 tune the rate at the first seed, then the others)
+  rates=(--learning-rates 3e-4 1e-3 3e-3); tuned_rates=(--learning-rates 1e-3 3e-3)
+  pack_partial nb02 02_toy_tasks "${rates[@]}" --grid mqar:accuracy,exact_match:2 --grid state:accuracy:3 \
+    --grid copy:exact_match:2
+  pack_partial nb05 05_long_context "${rates[@]}" --grid passkey:exact_match,digit_accuracy,distractor_rate:2
   pack_partial nb04 04_hybrids --sweep runs
+  pack_partial nb07 07_ablations "${tuned_rates[@]}" --grid lm:final_val_loss:3:tuned,lower \
+    --grid mqar:accuracy:3:tuned
+  pack_partial nb08 08_scaling "${tuned_rates[@]}" --grid runs:final_val_loss:2:tuned,lower
   # checkpoints stay behind: executed notebooks, metrics, results JSON, figures and logs come back
   tar cJf "$OUT/full_runs.tar.xz" -C "$R" --exclude '*.pt' --exclude 'plotly.min.js' .
   ls -la "$OUT"

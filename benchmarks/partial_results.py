@@ -14,7 +14,7 @@ config.json) for `sweep.run_sweep` to read back:
     python3 benchmarks/partial_results.py /tmp/gpu/nb04/04_hybrids --sweep runs \
         --pack benchmarks/results/04_hybrids/finished_trials_h200.tar.xz
 
-Each `--grid NAME:METRICS:SEEDS` is a folder of `gdn_lab.grid` trials under the run directory
+Each `--grid NAME:METRICS:SEEDS[:FLAGS]` (`GridSpec`) is a folder of `gdn_lab.grid` trials under the run directory
 (`NAME/<point>/lr<rate>_seed<seed>/trial.json`). For every point the JSON holds the summary the
 notebook itself would print (`grid.best_over_lr` on the first metric, then `grid.over_seeds` for each
 metric), whether the point is complete (every rate at every seed finished), and every trial record.
@@ -25,6 +25,7 @@ relative to the run directory; `grid.run` reads them back as finished and trains
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import sys
 import tarfile
@@ -38,13 +39,30 @@ KEPT_FILES = (grid.TRIAL_FILE, "config.json")
 SWEEP_FILES = ("metrics.json", "training_results.json", "variant.json", "config.json")
 
 
-def parse_grid(text: str) -> tuple[str, list[str], int]:
-    """'mqar:accuracy,exact_match:2' -> ('mqar', ['accuracy', 'exact_match'], 2)."""
-    try:
-        name, metrics, seeds = text.split(":")
-        return name, metrics.split(","), int(seeds)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--grid {text!r}: write NAME:METRIC[,METRIC...]:SEEDS") from None
+@dataclasses.dataclass
+class GridSpec:
+    """One `--grid NAME:METRICS:SEEDS[:FLAGS]`: FLAGS 'tuned' (`gdn_lab.protocol.tune_then_seed`: every
+    rate at the first seed, then one rate per further seed) and 'lower' (the first metric is a loss:
+    the best rate is the lowest), comma-separated."""
+
+    name: str
+    metrics: list[str]
+    seeds: int
+    tuned: bool = False
+    higher_is_better: bool = True
+
+    def expected_trials(self, learning_rates: list[float]) -> int:
+        return len(learning_rates) + self.seeds - 1 if self.tuned else len(learning_rates) * self.seeds
+
+
+def parse_grid(text: str) -> GridSpec:
+    """'mqar:accuracy,exact_match:2' -> GridSpec('mqar', ['accuracy', 'exact_match'], 2);
+    'lm:final_val_loss:3:tuned,lower' -> a tuned grid whose best rate has the lowest loss."""
+    parts = text.split(":")
+    flags = set(parts[3].split(",")) if len(parts) == 4 else set()
+    if len(parts) not in (3, 4) or not parts[2].isdigit() or not flags <= {"tuned", "lower"}:
+        raise argparse.ArgumentTypeError(f"--grid {text!r}: write NAME:METRIC[,METRIC...]:SEEDS[:tuned,lower]")
+    return GridSpec(parts[0], parts[1].split(","), int(parts[2]), "tuned" in flags, "lower" not in flags)
 
 
 def finished_trials(folder: pathlib.Path) -> list[pathlib.Path]:
@@ -52,14 +70,15 @@ def finished_trials(folder: pathlib.Path) -> list[pathlib.Path]:
     return sorted(path.parent for path in folder.glob(f"*/*/{grid.TRIAL_FILE}"))
 
 
-def summarise_grid(folder: pathlib.Path, metrics: list[str], num_seeds: int, learning_rates: list[float]) -> dict:
+def summarise_grid(folder: pathlib.Path, spec: GridSpec, learning_rates: list[float]) -> dict:
     """One grid's records, its per-point summaries over seeds and which points are complete."""
     records = [load_json(path / grid.TRIAL_FILE) for path in finished_trials(folder)]
     if not records:
         return {"trials": 0, "points": [], "records": []}
-    best = grid.best_over_lr(records, metrics[0])
+    metrics = spec.metrics
+    best = grid.best_over_lr(records, metrics[0], spec.higher_is_better)
     tables = {metric: grid.over_seeds(best, metric) for metric in metrics}
-    expected = num_seeds * len(learning_rates)
+    expected = spec.expected_trials(learning_rates)
     points = []
     for row in tables[metrics[0]]:
         labels = {key: row[key] for key in row if key not in ("metric", "seeds", "lrs") and key not in _SUMMARY_KEYS}
@@ -92,7 +111,7 @@ def pack(run_dir: pathlib.Path, trials: list[pathlib.Path], files: tuple[str, ..
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=pathlib.Path, help="the notebook's run directory (holds the grid folders)")
-    parser.add_argument("--grid", type=parse_grid, action="append", default=[], help="NAME:METRICS:SEEDS")
+    parser.add_argument("--grid", type=parse_grid, action="append", default=[], help="NAME:METRICS:SEEDS[:tuned,lower]")
     parser.add_argument("--sweep", help="a gdn_lab.sweep folder under run_dir whose finished runs --pack packs")
     parser.add_argument("--learning-rates", type=float, nargs="+")
     parser.add_argument("--source", help="where and at which commit the trials ran")
@@ -107,16 +126,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not (args.grid and args.learning_rates and args.source and args.out):
         parser.error("summarising grids needs --grid, --learning-rates, --source and --out")
-    summary = {name: summarise_grid(args.run_dir / name, metrics, seeds, args.learning_rates)
-               for name, metrics, seeds in args.grid}
+    summary = {spec.name: summarise_grid(args.run_dir / spec.name, spec, args.learning_rates) for spec in args.grid}
     write_json(args.out, {"source": args.source, "learning_rates": args.learning_rates,
-                          "grids": {name: {"metrics": metrics, "seeds": seeds} for name, metrics, seeds in args.grid},
-                          "results": summary})
+                          "grids": {spec.name: dataclasses.asdict(spec) for spec in args.grid}, "results": summary})
     for name, result in summary.items():
         complete = sum(p["complete"] for p in result["points"])
         print(f"{name}: {result['trials']} trials, {complete} of {len(result['points'])} points with trials complete")
     if args.pack:
-        trials = [trial for name, *_ in args.grid for trial in finished_trials(args.run_dir / name)]
+        trials = [trial for spec in args.grid for trial in finished_trials(args.run_dir / spec.name)]
         print(f"packed {pack(args.run_dir, trials, KEPT_FILES, args.pack)} trials into {args.pack}")
 
 

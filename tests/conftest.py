@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
+import sys
 
 import nbformat
 import pytest
@@ -17,6 +18,7 @@ def load_benchmark(name: str):
     """The module of `benchmarks/<name>.py`, loaded from its file (the scripts run without installing)."""
     spec = importlib.util.spec_from_file_location(f"benchmark_{name}", REPO_ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # registered first, as an import would: dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 

@@ -188,3 +188,30 @@ def test_readme_tables_are_the_committed_results():
     assert block is not None, "README.md lost its results-tables markers"
     assert block == tables.block(), "README's tables differ from the JSON: python3 benchmarks/results_tables.py --write"
     assert "| GDN | 1.000 [1.000, 1.000] |" in block  # a complete MQAR point, read from partial_protocol_h200.json
+
+
+def test_partial_results_of_a_tuned_grid_keep_the_lowest_loss(tmp_path):
+    """A `protocol.tune_then_seed` grid (notebooks 07, 08): 'tuned' expects rates + seeds - 1 trials per
+    point, 'lower' keeps the rate with the lowest loss (a loss is not an accuracy)."""
+    import argparse
+
+    from gdn_lab import protocol
+    from gdn_lab.config import ModelConfig, TrainConfig
+    from gdn_lab.tasks import TaskData
+
+    partial = load_benchmark("partial_results")
+    config = ModelConfig(vocab_size=16, hidden_size=16, num_layers=1, num_heads=2, head_dim=8, backend="torch")
+    train = TrainConfig(steps=2, batch_size=4, seq_len=16, warmup_steps=0, eval_every=0, eval_batches=1, device="cpu")
+    data = TaskData("mqar", vocab_size=16, seq_len=16, seed=0, num_kv_pairs=2)
+    result = protocol.tune_then_seed([({"variant": "GDN"}, config, data)], train, tmp_path / "run" / "lm",
+                                     learning_rates=[1e-3, 3e-2], seeds=[0, 1, 2], metric="final_val_loss",
+                                     higher_is_better=False)
+    spec = partial.parse_grid("lm:final_val_loss:3:tuned,lower")
+    assert (spec.tuned, spec.higher_is_better, spec.expected_trials([1e-3, 3e-2])) == (True, False, 4)
+    point = partial.summarise_grid(tmp_path / "run" / "lm", spec, [1e-3, 3e-2])["points"][0]
+    assert point["complete"] and point["finished_trials"] == 4
+    assert point["final_val_loss"]["values"] == result.table[0]["values"]  # the protocol's own summary
+    first_seed = [r["final_val_loss"] for r in result.records if r["seed"] == 0]
+    assert point["final_val_loss"]["values"][0] == min(first_seed)
+    with pytest.raises(argparse.ArgumentTypeError, match="tuned,lower"):
+        partial.parse_grid("lm:final_val_loss:3:fast")
