@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
+
 
 def summarize(values: Sequence[float | None]) -> dict:
     """{"mean", "std" (sample, 0 for one value), "min", "max", "spread" (max - min), "n", "values"}
@@ -69,11 +71,7 @@ def percentile(values: Sequence[float], q: float) -> float:
         raise ValueError("percentile of no values")
     if not 0 <= q <= 100:
         raise ValueError(f"q={q}; use a percentage in [0, 100]")
-    ordered = sorted(float(v) for v in values)
-    position = (len(ordered) - 1) * q / 100
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
 
 
 def interval(values: Sequence[float], level: float = 0.9) -> tuple[float, float]:
