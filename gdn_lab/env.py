@@ -1,10 +1,12 @@
-"""Where the workbook runs: device, dtype, kernel backend, Colab detection, the Triton guard.
+"""Where the workbook runs: device, dtype, kernel backend, Colab detection, the Triton guard; a
+module's device and eval mode for a block (`module_device`, `evaluating`).
 
 Nothing here imports `fla` or `triton` at module import: a CPU machine without Triton must be
 able to `import gdn_lab`. The fla backend is probed on first use and the answer cached.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import platform
@@ -36,6 +38,23 @@ def pick_device(device: str = "auto") -> torch.device:
     if picked.type == "cuda" and picked.index is not None and picked.index >= torch.cuda.device_count():
         raise BackendError(f"device={device!r} but only {torch.cuda.device_count()} CUDA GPUs are visible")
     return picked
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """The device of `module`'s first parameter (the CPU for a module without parameters)."""
+    parameter = next(module.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def evaluating(module: torch.nn.Module):
+    """`module` in eval mode for the block, back to its own mode after (an exception included)."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 def pick_dtype(device: torch.device | str, dtype: str = "auto") -> torch.dtype:

@@ -28,7 +28,6 @@ recorded, not raised) and `state_norm_over_context` (||S_t|| of every GDN head a
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
@@ -44,6 +43,7 @@ import torch.nn.functional as F
 
 from .config import ConfigError, ModelConfig
 from .data import Batch, embedded_corpus
+from .env import evaluating, module_device, pick_device, pick_dtype
 from .tasks import answer_correct, derive_seed, exact_match
 
 HAYSTACKS = ("noise", "text")
@@ -268,22 +268,6 @@ def answer_batch(examples: Sequence[PasskeyExample], pad_id: int = 0, width: int
     return Batch(inputs=tokens[:, :-1], targets=tokens[:, 1:], mask=mask[:, 1:])
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
-    parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
-
-
-@contextlib.contextmanager
-def _evaluating(model: torch.nn.Module):
-    """The model in eval mode for the block, back to its own mode after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
 def _autocast(device: torch.device, dtype: torch.dtype | None):
     enabled = dtype is not None and dtype != torch.float32
     return torch.autocast(device.type, dtype=dtype if enabled else torch.bfloat16, enabled=enabled)
@@ -301,9 +285,9 @@ def score_passkey(model, examples: Sequence[PasskeyExample], batch_size: int = 8
     that split the space before any number alike (the byte tokenizer does).
     `model(inputs [B, T]) -> logits [B, T, vocab]` (a gdn_lab CausalLM or anything alike).
     """
-    device = _model_device(model)
+    device = module_device(model)
     exact = right = answers = distracted = 0
-    with _evaluating(model):
+    with evaluating(model):
         for start in range(0, len(examples), batch_size):
             chunk = examples[start: start + batch_size]
             batch = answer_batch(chunk)
@@ -477,9 +461,7 @@ def score_passkey_data(model, data: PasskeyData, depths: Sequence[float] = (0.0,
     "distractor_rate" (means over the depth cells; `score_passkey`), "exact_match_by_depth": {depth:
     rate}, "test_samples"}.
     """
-    from .env import pick_dtype
-
-    device = _model_device(model)
+    device = module_device(model)
     dtype = pick_dtype(device)
     cells = passkey_accuracy(model, data.tokenizer, [data.max_context_len], depths, num_samples=num_samples,
                              seed=data.test_seed, haystack=data.haystack, batch_size=batch_size,
@@ -516,9 +498,9 @@ def loss_by_position(model, tokens: torch.Tensor, seq_len: int, batch_size: int 
     _require(available >= 1, f"{len(tokens)} tokens hold no window of seq_len + 1 = {seq_len + 1}; "
                              f"pass more held-out text or a shorter seq_len")
     num_windows = available if num_windows is None else min(num_windows, available)
-    device = _model_device(model)
+    device = module_device(model)
     total = torch.zeros(seq_len, dtype=torch.float64)
-    with _evaluating(model):
+    with evaluating(model):
         for start in range(0, num_windows, batch_size):
             windows = torch.stack([tokens[w * seq_len: w * seq_len + seq_len + 1]
                                    for w in range(start, min(start + batch_size, num_windows))]).to(device)
@@ -623,7 +605,6 @@ def scan_lengths(configs: dict[str, ModelConfig], lengths: Sequence[int], tokens
     training step, or of the forward when backward=False)}; None where not measured.
     "weights_mib" is what stays allocated after one warm-up step: weights and library workspaces.
     """
-    from .env import pick_device
     from .models import build_model
 
     device = pick_device(device) if isinstance(device, str) else device
@@ -707,9 +688,9 @@ def state_norm_over_context(model, input_ids: torch.Tensor, num_points: int | No
     from .probe import capture
 
     input_ids = torch.as_tensor(input_ids)
-    input_ids = (input_ids[None] if input_ids.dim() == 1 else input_ids[:1]).to(_model_device(model))
+    input_ids = (input_ids[None] if input_ids.dim() == 1 else input_ids[:1]).to(module_device(model))
     T = input_ids.shape[1]
-    with _evaluating(model):
+    with evaluating(model):
         probe = capture(model, input_ids)
     if num_points is None or num_points >= T:
         steps = torch.arange(T)

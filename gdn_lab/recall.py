@@ -21,6 +21,7 @@ import torch
 from . import probe
 from .config import ModelConfig
 from .data import Batch
+from .env import evaluating, module_device
 from .generate import generate
 from .models import CausalLM
 from .tasks import TaskData, answer_correct, exact_match
@@ -30,11 +31,8 @@ from .tasks import TaskData, answer_correct, exact_match
 def task_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """`model(batch.inputs)` in eval mode without gradients: logits [B, T, V] on the model's
     device (the model's training mode is restored)."""
-    was_training = model.training
-    model.eval()
-    logits = model(batch.inputs.to(next(model.parameters()).device))
-    model.train(was_training)
-    return logits
+    with evaluating(model):
+        return model(batch.inputs.to(module_device(model)))
 
 
 def predict(model: torch.nn.Module, batch: Batch) -> torch.Tensor:

@@ -74,7 +74,7 @@ from tqdm.auto import tqdm
 from .config import ConfigError, ModelConfig, TrainConfig, get_preset, parse_literal
 from .cuda_graph import GraphedTrainStep, graph_unsupported_reason
 from .data import PrefetchedBatches
-from .env import BackendError, check_training_backend, pick_device, pick_dtype, resolve_backend
+from .env import BackendError, check_training_backend, evaluating, pick_device, pick_dtype, resolve_backend
 from .results import WriteError, atomic_path, save_results, write_json, write_metrics
 
 TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -219,17 +219,16 @@ def evaluate(model: torch.nn.Module, batches: list, device: torch.device, dtype:
     r::world_size and the sums are all-reduced, so every rank returns the full-set numbers.
     """
     launch = launch or Launch(0, 1, device)
-    was_training = model.training
-    model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, scored tokens
-    for batch in batches[launch.rank::launch.world_size]:
-        batch = batch.to(device)
-        with _autocast(device, dtype):
-            logits = model(batch.inputs)
-        logits, targets = logits.float()[batch.mask], batch.targets[batch.mask]
-        sums += torch.stack([F.cross_entropy(logits, targets, reduction="sum").double(),
-                             (logits.argmax(-1) == targets).sum().double(), targets.new_tensor(len(targets)).double()])
-    model.train(was_training)
+    with evaluating(model):
+        for batch in batches[launch.rank::launch.world_size]:
+            batch = batch.to(device)
+            with _autocast(device, dtype):
+                logits = model(batch.inputs)
+            logits, targets = logits.float()[batch.mask], batch.targets[batch.mask]
+            sums += torch.stack([F.cross_entropy(logits, targets, reduction="sum").double(),
+                                 (logits.argmax(-1) == targets).sum().double(),
+                                 targets.new_tensor(len(targets)).double()])
     loss_sum, correct, tokens = _all_reduce_sum(sums, launch).tolist()
     loss = loss_sum / max(tokens, 1)
     return {"val_loss": loss, "val_acc": correct / max(tokens, 1), "val_ppl": math.exp(min(loss, 700.0))}
