@@ -669,6 +669,19 @@ class Attention(FromConfig, nn.Module):
         return (q.reshape(B, T, self.num_heads, self.head_dim), k.reshape(B, T, self.num_kv_heads, self.head_dim),
                 v.reshape(B, T, self.num_kv_heads, self.head_dim))
 
+    def _heads(self, x: torch.Tensor, state: KVState | WindowKVState | None, mask: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`project` (updating the conv window in `state`), then RoPE at each token's position:
+        q [B, H, T, hd], k, v [B, Hkv, T, hd] and the positions, [T] (no state, no mask) or [B, T]:
+        they continue from `state.position`, and with a mask (bool, False = padding) count real
+        tokens only (cumsum(mask) - 1)."""
+        T = x.shape[1]
+        q, k, v = self.project(x, state, mask)
+        steps = torch.arange(T, device=x.device) if mask is None else (mask.long().cumsum(1) - 1).clamp(min=0)
+        positions = steps if state is None else state.position[:, None] + steps
+        q, k = rotary(q, positions, self.inv_freq), rotary(k, positions, self.inv_freq)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), positions
+
     def forward(self, x: torch.Tensor, state: KVState | None = None,
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, KVState | None]:
         """x [B, T, D] -> (y [B, T, D], state). Positions continue from the state; with a mask
@@ -677,11 +690,7 @@ class Attention(FromConfig, nn.Module):
         B, T, _ = x.shape
         if mask is not None:
             mask = mask.to(device=x.device, dtype=torch.bool)
-        q, k, v = self.project(x, state, mask)
-        steps = torch.arange(T, device=x.device) if mask is None else (mask.long().cumsum(1) - 1).clamp(min=0)
-        positions = steps if state is None else state.position[:, None] + steps
-        q, k = rotary(q, positions, self.inv_freq), rotary(k, positions, self.inv_freq)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k, v, _ = self._heads(x, state, mask)
         gqa = self.num_kv_heads != self.num_heads
         if state is None and mask is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -786,11 +795,7 @@ class SlidingWindowAttention(Attention):
             return super().forward(x)
         if mask is not None:
             mask = mask.to(device=x.device, dtype=torch.bool)
-        q, k, v = self.project(x, state, mask)
-        steps = torch.arange(T, device=x.device) if mask is None else (mask.long().cumsum(1) - 1).clamp(min=0)
-        positions = steps if state is None else state.position[:, None] + steps        # [T] or [B, T]
-        q, k = rotary(q, positions, self.inv_freq), rotary(k, positions, self.inv_freq)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k, v, positions = self._heads(x, state, mask)
         new_valid = mask if mask is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
         if state is None:
             keys, values, key_positions, key_valid, held = k, v, positions, mask, 0
