@@ -669,7 +669,7 @@ class Attention(FromConfig, nn.Module):
         return (q.reshape(B, T, self.num_heads, self.head_dim), k.reshape(B, T, self.num_kv_heads, self.head_dim),
                 v.reshape(B, T, self.num_kv_heads, self.head_dim))
 
-    def _heads(self, x: torch.Tensor, state: KVState | WindowKVState | None, mask: torch.Tensor | None
+    def heads(self, x: torch.Tensor, state: KVState | WindowKVState | None, mask: torch.Tensor | None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """`project` (updating the conv window in `state`), then RoPE at each token's position:
         q [B, H, T, hd], k, v [B, Hkv, T, hd] and the positions, [T] (no state, no mask) or [B, T]:
@@ -690,7 +690,7 @@ class Attention(FromConfig, nn.Module):
         B, T, _ = x.shape
         if mask is not None:
             mask = mask.to(device=x.device, dtype=torch.bool)
-        q, k, v, _ = self._heads(x, state, mask)
+        q, k, v, _ = self.heads(x, state, mask)
         gqa = self.num_kv_heads != self.num_heads
         if state is None and mask is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -795,7 +795,7 @@ class SlidingWindowAttention(Attention):
             return super().forward(x)
         if mask is not None:
             mask = mask.to(device=x.device, dtype=torch.bool)
-        q, k, v, positions = self._heads(x, state, mask)
+        q, k, v, positions = self.heads(x, state, mask)
         new_valid = mask if mask is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
         if state is None:
             keys, values, key_positions, key_valid, held = k, v, positions, mask, 0

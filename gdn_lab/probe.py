@@ -27,7 +27,6 @@ import torch
 
 from . import ops
 from .config import ConfigError
-from .layers import rotary
 
 FP32_TOLERANCE = 1e-4
 """Relative RMSE allowed between the probe's output and the torch backend's fp32 forward. With the fla
@@ -272,8 +271,8 @@ def softmax_attention_map(model, input_ids: torch.Tensor, layer: int, head: int,
     """The attention probabilities [T, T] (rows: query t, columns: key i) of one softmax head, of a
     full ('attn') or sliding-window ('swa') attention layer.
 
-    Recomputes q, k with the layer's projections (through its short conv where it has one:
-    `Attention.project`) and RoPE (`layers.rotary`), applies the causal softmax of
+    Recomputes q, k with the layer's projections, its short conv where it has one and RoPE
+    (`Attention.heads`), applies the causal softmax of
     q k^T / sqrt(head_dim) (keys t - window < i <= t on a sliding-window layer), and checks that
     these probabilities times v, through o_proj, give the layer's real output (relative RMSE
     within `tolerance`: FP32_TOLERANCE for an fp32 model, ops.FLA_OUTPUT_TOL otherwise), else
@@ -288,11 +287,8 @@ def softmax_attention_map(model, input_ids: torch.Tensor, layer: int, head: int,
     x, real = recorder.inputs[layer], recorder.outputs[layer]
     B, T, _ = x.shape
     H, Hkv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
-    positions = torch.arange(T, device=x.device)
-    with torch.no_grad():
-        q, k, v = attn.project(x)  # the projections and, where the layer has one, its short conv
-    q, k = (rotary(t, positions, attn.inv_freq).float().transpose(1, 2) for t in (q, k))
-    v = v.float().transpose(1, 2)
+    with torch.no_grad():  # the projections, the short conv where the layer has one, and RoPE
+        q, k, v, _ = (t.float() for t in attn.heads(x, None, None))
     k, v = (t.repeat_interleave(H // Hkv, dim=1) for t in (k, v))                    # grouped KV heads
     causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
     window = getattr(attn, "window", None)  # SlidingWindowAttention's
