@@ -104,6 +104,17 @@ def test_cpu_train_step_compares_the_same_model_on_two_recurrences(monkeypatch, 
     assert ours["tokens_per_second"] > 0 and json.loads((tmp_path / "ours.json").read_text())["results"] == ours
 
 
+def _tiny_mqar():
+    """(model config, train config, MQAR data) small enough for a grid of trials in seconds on the CPU."""
+    from gdn_lab.config import ModelConfig, TrainConfig
+    from gdn_lab.tasks import TaskData
+
+    return (ModelConfig(vocab_size=16, hidden_size=16, num_layers=1, num_heads=2, head_dim=8, backend="torch"),
+            TrainConfig(steps=2, batch_size=4, seq_len=16, warmup_steps=0, eval_every=0, eval_batches=1,
+                        device="cpu"),
+            TaskData("mqar", vocab_size=16, seq_len=16, seed=0, num_kv_pairs=2))
+
+
 def test_partial_results_summarise_and_resume_an_interrupted_grid(tmp_path, monkeypatch):
     """benchmarks/partial_results.py: a grid that finished some trials is summarised (complete points
     flagged), packed without checkpoints, and `grid.run` reads the pack back without training it."""
@@ -111,13 +122,9 @@ def test_partial_results_summarise_and_resume_an_interrupted_grid(tmp_path, monk
     import tarfile
 
     from gdn_lab import grid, recall
-    from gdn_lab.config import ModelConfig, TrainConfig
-    from gdn_lab.tasks import TaskData
 
     partial = load_benchmark("partial_results")
-    config = ModelConfig(vocab_size=16, hidden_size=16, num_layers=1, num_heads=2, head_dim=8, backend="torch")
-    train = TrainConfig(steps=2, batch_size=4, seq_len=16, warmup_steps=0, eval_every=0, eval_batches=1, device="cpu")
-    data = TaskData("mqar", vocab_size=16, seq_len=16, seed=0, num_kv_pairs=2)
+    config, train, data = _tiny_mqar()
     points = [({"model": "GDN"}, config, data),
               ({"model": "Transformer"}, config.replace(attn_layers="transformer"), data)]
     trials = grid.expand(points, train, learning_rates=[1e-3, 3e-3], seeds=[0, 1])
@@ -196,13 +203,9 @@ def test_partial_results_of_a_tuned_grid_keep_the_lowest_loss(tmp_path):
     import argparse
 
     from gdn_lab import protocol
-    from gdn_lab.config import ModelConfig, TrainConfig
-    from gdn_lab.tasks import TaskData
 
     partial = load_benchmark("partial_results")
-    config = ModelConfig(vocab_size=16, hidden_size=16, num_layers=1, num_heads=2, head_dim=8, backend="torch")
-    train = TrainConfig(steps=2, batch_size=4, seq_len=16, warmup_steps=0, eval_every=0, eval_batches=1, device="cpu")
-    data = TaskData("mqar", vocab_size=16, seq_len=16, seed=0, num_kv_pairs=2)
+    config, train, data = _tiny_mqar()
     result = protocol.tune_then_seed([({"variant": "GDN"}, config, data)], train, tmp_path / "run" / "lm",
                                      learning_rates=[1e-3, 3e-2], seeds=[0, 1, 2], metric="final_val_loss",
                                      higher_is_better=False)
