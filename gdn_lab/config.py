@@ -47,6 +47,26 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def check_gdn_settings(head_dim: int, expand_v: float, use_short_conv: bool, conv_size: int, dt_min: float,
+                       dt_max: float, fixed_beta: float | None, allow_neg_eigval: bool) -> None:
+    """ConfigError (one line) for Gated DeltaNet settings that cannot build a layer; the one rule that
+    `ModelConfig` (before anything is built) and `layers.GatedDeltaNet` (built on its own) both apply."""
+    v = head_dim * expand_v
+    _require(math.isclose(v, round(v)), f"head_dim * expand_v = {head_dim} * {expand_v} = {v} is not an integer; "
+                                        f"pick expand_v so the value head dim is whole")
+    _require(conv_size >= 2 or not use_short_conv, f"conv_size={conv_size}; use >= 2 or use_short_conv=False")
+    _require(0 < dt_min <= dt_max, f"dt_min={dt_min}, dt_max={dt_max}; use 0 < dt_min <= dt_max (FLA: 1e-3, 0.1)")
+    top = 2 if allow_neg_eigval else 1
+    _require(fixed_beta is None or 0 < fixed_beta <= top,
+             f"fixed_beta={fixed_beta}; use a value in (0, {top}] (beta's range"
+             f"{' with allow_neg_eigval' if allow_neg_eigval else ''}) or None to learn beta")
+
+
+def check_attention_conv_size(conv_size: int, name: str = "attn_conv_size") -> None:
+    """ConfigError (one line) unless the attention short conv is off (0) or at least 2 taps wide."""
+    _require(conv_size == 0 or conv_size >= 2, f"{name}={conv_size}; use 0 (no conv) or a kernel width >= 2")
+
+
 def _fits(value: Any, hint: Any) -> bool:
     """Whether `value` fits the type annotation `hint`: an int field takes integers (not bools),
     a float field any finite real number, a tuple field a tuple or list of its items, `X | None` None too."""
@@ -224,21 +244,10 @@ class ModelConfig:
         for name in ("expand_v", "rope_theta", "norm_eps"):
             _require(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)!r}")
         _require(self.initializer_range >= 0, f"initializer_range must be >= 0, got {self.initializer_range!r}")
-        _require(self.attn_conv_size == 0 or self.attn_conv_size >= 2,
-                 f"attn_conv_size={self.attn_conv_size}; use 0 (no conv) or a kernel width >= 2")
+        check_attention_conv_size(self.attn_conv_size)
         if self.num_gdn_layers:
-            v = self.head_dim * self.expand_v
-            _require(math.isclose(v, round(v)),
-                     f"head_dim * expand_v = {self.head_dim} * {self.expand_v} = {v} is not an integer; "
-                     f"pick expand_v so the value head dim is whole")
-            _require(self.conv_size >= 2 or not self.use_short_conv,
-                     f"conv_size={self.conv_size}; use >= 2 or use_short_conv=False")
-            _require(0 < self.dt_min <= self.dt_max,
-                     f"dt_min={self.dt_min}, dt_max={self.dt_max}; use 0 < dt_min <= dt_max (FLA: 1e-3, 0.1)")
-            top = 2 if self.allow_neg_eigval else 1
-            _require(self.fixed_beta is None or 0 < self.fixed_beta <= top,
-                     f"fixed_beta={self.fixed_beta}; use a value in (0, {top}] (beta's range"
-                     f"{' with allow_neg_eigval' if self.allow_neg_eigval else ''}) or None to learn beta")
+            check_gdn_settings(self.head_dim, self.expand_v, self.use_short_conv, self.conv_size, self.dt_min,
+                               self.dt_max, self.fixed_beta, self.allow_neg_eigval)
         if self.num_attn_layers or self.num_swa_layers:
             _require(self.hidden_size % self.attn_num_heads == 0,
                      f"hidden_size={self.hidden_size} is not divisible by attn_num_heads={self.attn_num_heads}; "

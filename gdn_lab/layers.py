@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .config import BACKENDS, ConfigError, ModelConfig
+from .config import BACKENDS, ConfigError, ModelConfig, check_attention_conv_size, check_gdn_settings
 from .env import BackendError, check_training_backend, resolve_backend
 from .stacked import stacked_linear
 
@@ -248,17 +248,8 @@ class GatedDeltaNet(FromConfig, KernelBackend, nn.Module):
         layer_idx: int | None = None,
     ):
         super().__init__()
+        check_gdn_settings(head_dim, expand_v, use_short_conv, conv_size, dt_min, dt_max, fixed_beta, allow_neg_eigval)
         head_v_dim = head_dim * expand_v
-        if not math.isclose(head_v_dim, round(head_v_dim)):
-            raise ConfigError(f"head_dim * expand_v = {head_dim} * {expand_v} = {head_v_dim} is not an integer; "
-                              f"pick expand_v so the value head dim is whole")
-        if use_short_conv and conv_size < 2:
-            raise ConfigError(f"conv_size={conv_size}; use >= 2 or use_short_conv=False")
-        if not 0 < dt_min <= dt_max:
-            raise ConfigError(f"dt_min={dt_min}, dt_max={dt_max}; use 0 < dt_min <= dt_max (FLA: 1e-3, 0.1)")
-        if fixed_beta is not None and not 0 < fixed_beta <= (2 if allow_neg_eigval else 1):
-            raise ConfigError(f"fixed_beta={fixed_beta}; use a value in (0, {2 if allow_neg_eigval else 1}] "
-                              f"or None to learn beta")
         self._init_backend(backend)
         self.hidden_size, self.num_heads, self.expand_v = hidden_size, num_heads, expand_v
         self.head_k_dim, self.head_v_dim = head_dim, int(round(head_v_dim))
@@ -572,8 +563,7 @@ class Attention(FromConfig, nn.Module):
         if hidden_size % num_heads or num_heads % num_kv_heads or (hidden_size // num_heads) % 2:
             raise ConfigError(f"attention needs hidden_size % num_heads == 0, num_heads % num_kv_heads == 0 and "
                               f"an even head dim; got {hidden_size}, {num_heads}, {num_kv_heads}")
-        if not (conv_size == 0 or conv_size >= 2):
-            raise ConfigError(f"attention conv_size={conv_size}; use 0 (no conv) or a kernel width >= 2")
+        check_attention_conv_size(conv_size, "attention conv_size")
         self.hidden_size, self.num_heads, self.num_kv_heads = hidden_size, num_heads, num_kv_heads
         self.head_dim = hidden_size // num_heads
         self.kv_dim = num_kv_heads * self.head_dim
