@@ -345,11 +345,12 @@ def sweep_figures(result, window: float = 0.3) -> dict[str, go.Figure]:
     names = result.ranking()
     ranked = [result[name] for name in names]
     means = [summaries[name]["mean"] for name in names]
-    curves = line_plot({name: ([r["tokens"] for r in result.mean_curve(name)],
-                               [r["val_loss"] for r in result.mean_curve(name)]) for name in names},
+    mean_curves = {name: result.mean_curve(name) for name in names}
+    curves = line_plot({name: ([r["tokens"] for r in curve], [r["val_loss"] for r in curve])
+                        for name, curve in mean_curves.items()},
                        "training tokens", "validation loss",
                        title="Validation loss at equal tokens (mean over seeds, each variant at its best rate)")
-    last = max((r["tokens"] for name in names for r in result.mean_curve(name)), default=0)
+    last = max((r["tokens"] for curve in mean_curves.values() for r in curve), default=0)
     if last:
         curves.add_vrect(x0=(1 - window) * last, x1=last, fillcolor="grey", opacity=0.12, line_width=0,
                          annotation_text=f"last {window:.0%}", annotation_position="top left")
