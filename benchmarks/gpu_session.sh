@@ -33,7 +33,9 @@ timed() {  # timed SECONDS NAME command...: run, log to $R/NAME.log, record the 
 }
 
 job_line() {  # job_line JOB: the shell line that runs JOB, logs it and leaves $R/JOB.done
-  echo "start=\$SECONDS; timeout 1500 ${JOB_COMMAND[$1]} >'$R/$1.log' 2>&1; \
+  # EXTRA_<job> adds arguments, e.g. EXTRA_nb02="--param workers=6" (fewer clients on one GPU's memory)
+  local extra="EXTRA_$1"
+  echo "start=\$SECONDS; timeout 1500 ${JOB_COMMAND[$1]} ${!extra:-} >'$R/$1.log' 2>&1; \
 echo \"$1 rc=\$? \$((SECONDS - start))s\" >>'$R/steps.txt'; touch '$R/$1.done'"
 }
 
