@@ -66,24 +66,54 @@ def passkey_table() -> str:
 
 
 def hybrids_table() -> str:
-    payload = json.loads((RESULTS / "04_hybrids" / "partial_sweep_h200.json").read_text())
-    runs = payload["results"]["runs"]
+    """Every variant at each rate (first seed), then its best rate over all its seeds."""
+    payload = json.loads((RESULTS / "04_hybrids" / "sweep.json").read_text())
+    runs, summary = payload["results"]["runs"], payload["results"]["summary"]
     rates = sorted({r["lr"] for r in runs})
     names = list(dict.fromkeys(r["name"] for r in runs))
     loss = {(r["name"], r["lr"]): r for r in runs if r["seed"] == payload["config"]["train"]["seed"]}
+
     def cell(name: str, lr: float) -> str:
         run = loss.get((name, lr))
         return "not run" if run is None else f"{run['final_val_loss']:.4f}" if run["status"] == "ok" else run["status"]
 
-    body = [[name] + [cell(name, lr) for lr in rates] for name in names]
+    def best(name: str) -> str:
+        row = summary[name]
+        values = f"{row['mean']:.3f} [{row['min']:.3f}, {row['max']:.3f}]" if row["n"] > 1 else f"{row['mean']:.3f}"
+        return f"{values} ({row['n']} seed{'s' if row['n'] > 1 else ''} at {row['lr']:g})"
+
+    body = [[name] + [cell(name, lr) for lr in rates] + [best(name)] for name in names]
     env, steps = payload["environment"], payload["config"]["train"]["steps"]
-    return (f"Hybrids, final validation loss (nats per byte) at each rate, first seed (notebook 04; "
-            f"{steps} steps; {env['device_name']}, commit {env['git_commit']}):\n\n"
-            + _table(["variant"] + [f"lr {lr:g}" for lr in rates], body))
+    reused = sum(bool(r["reused"]) for r in runs)
+    provenance = f"commit {env['git_commit']}" + (f"; {reused} of the {len(runs)} runs read back from an earlier "
+                                                  f"session's finished runs" if reused else "")
+    return (f"Hybrids, final validation loss (nats per byte): each rate at the first seed, then the best rate "
+            f"over its seeds (notebook 04; {steps} steps; {env['device_name']}, {provenance}):\n\n"
+            + _table(["variant"] + [f"lr {lr:g}" for lr in rates] + ["best rate, mean [worst, best]"], body))
+
+
+def state_table() -> str:
+    payload = json.loads((RESULTS / "02_toy_tasks" / "partial_protocol_h200.json").read_text())
+    points = payload["results"]["state"]["points"]
+    if not points:
+        return ""
+    return ("MQAR accuracy against the GDN state's key dims per layer, H*K (notebook 02; 64 pairs in 256 tokens; "
+            f"{payload['source']}):\n\n"
+            + _grid_table(points, "model", "state_key_dims", "accuracy", lambda k: f"H*K={k}"))
+
+
+def scaling_table() -> str:
+    path = RESULTS / "08_scaling" / "partial_runs_h200.json"
+    if not path.exists():
+        return ""
+    payload = json.loads(path.read_text())
+    points = payload["results"]["runs"]["points"]
+    return (f"Scaling, final validation loss (nats per byte) by size (notebook 08, partial; {payload['source']}):\n\n"
+            + _grid_table(points, "arch", "shape", "final_val_loss", lambda s: f"{s}"))
 
 
 def tables() -> str:
-    return "\n\n".join([mqar_table(), hybrids_table(), passkey_table()])
+    return "\n\n".join(t for t in [mqar_table(), state_table(), hybrids_table(), passkey_table(), scaling_table()] if t)
 
 
 def block() -> str:

@@ -31,6 +31,7 @@ import multiprocessing
 import os
 import pathlib
 import re
+import shutil
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,7 @@ from .stats import summarize
 from .train import TrainingDiverged, read_checkpoint, train
 
 TRIAL_FILE = "trial.json"
+FINAL_CHECKPOINT = "checkpoints/final.pt"  # a finished run's weights, under its folder
 Score = Callable[[CausalLM, Any], dict]
 
 
@@ -162,9 +164,45 @@ def run(trials: Sequence[Trial], run_dir: str | pathlib.Path, score: Score | Non
         raise ConfigError("two trials share a folder: give points distinct labels")
     for trial, folder in zip(trials, folders, strict=True):
         check_run_dir(folder, trial.config, trial.train_config, trial.data)
-    records: list[dict | None] = [load_json(f / TRIAL_FILE) if (f / TRIAL_FILE).exists() else None for f in folders]
+    # a record read back names the folder it is in now (a pack of finished trials moves between machines)
+    records: list[dict | None] = [{**load_json(f / TRIAL_FILE), "run_dir": str(f)} if (f / TRIAL_FILE).exists()
+                                  else None for f in folders]
     todo = [i for i, record in enumerate(records) if record is None]
-    bar = tqdm(total=len(trials), initial=len(trials) - len(todo), desc=run_dir.name, disable=not progress)
+    _train_trials(trials, folders, todo, records, score, workers, progress, desc=run_dir.name)
+    return records
+
+
+def ensure_checkpoints(trials: Sequence[Trial], run_dir: str | pathlib.Path, records: Sequence[dict],
+                       select: Callable[[list[dict]], Iterable[dict]], score: Score | None = None,
+                       workers: int = 1, progress: bool = False) -> list[dict]:
+    """`run`'s records, where every record that `select(records)` picks (e.g. each point's best rate)
+    has its final checkpoint: a finished trial without one (read back from a pack of finished trials,
+    `benchmarks/partial_results.py`, which leaves checkpoints behind) is trained again, its record
+    replaced, and `select` asked again until all it picks have weights for `load_model`.
+
+    On the CPU a trial trained again gives its record again (bitwise); on a GPU the scores may move in
+    the last digits, which is why `select` sees the new records.
+    """
+    run_dir = pathlib.Path(run_dir)
+    folders = [run_dir / trial.folder for trial in trials]
+    records = list(records)
+    index = {str(folder): i for i, folder in enumerate(folders)}
+    while True:
+        missing = sorted({index[str(pathlib.Path(r["run_dir"]))] for r in select(records)
+                          if r["status"] == "ok" and not (pathlib.Path(r["run_dir"]) / FINAL_CHECKPOINT).exists()})
+        if not missing:
+            return records
+        print(f"{run_dir.name}: training {len(missing)} finished trial(s) again for their weights (no final "
+              f"checkpoint in their folders)")
+        for i in missing:
+            shutil.rmtree(folders[i])
+        _train_trials(trials, folders, missing, records, score, workers, progress, desc=run_dir.name)
+
+
+def _train_trials(trials: Sequence[Trial], folders: Sequence[pathlib.Path], todo: Sequence[int],
+                  records: list, score: Score | None, workers: int, progress: bool, desc: str) -> None:
+    """Train trials[i] for i in `todo` into folders[i], in `workers` processes, and put each record at records[i]."""
+    bar = tqdm(total=len(trials), initial=len(trials) - len(todo), desc=desc, disable=not progress)
     if workers <= 1 or len(todo) <= 1:
         for i in todo:
             records[i] = _run_one(trials[i], folders[i], score, progress=False)
@@ -182,16 +220,16 @@ def run(trials: Sequence[Trial], run_dir: str | pathlib.Path, score: Score | Non
                 records[futures[future]] = future.result()
                 bar.update()
     bar.close()
-    return records
 
 
 def load_model(record: dict, backend: str | None = None) -> CausalLM:
     """The trained model of a trial record (its run directory's final checkpoint), on the CPU;
     `backend` overrides the saved config's (e.g. 'torch' to probe a GPU-trained model on the CPU)."""
     folder = pathlib.Path(record["run_dir"])
-    path = folder / "checkpoints" / "final.pt"
+    path = folder / FINAL_CHECKPOINT
     if not path.exists():
-        raise ConfigError(f"{folder} has no final checkpoint (status {record.get('status')!r}); train it first")
+        raise ConfigError(f"{folder} has no final checkpoint (status {record.get('status')!r}); train it first "
+                          f"(grid.ensure_checkpoints trains finished trials again for their weights)")
     saved = read_checkpoint(path)  # checked against the size and sha256 saved beside it
     config = ModelConfig(**saved["model_config"])
     if backend is not None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 
 import pytest
 from conftest import load_benchmark
@@ -154,7 +155,9 @@ def test_partial_results_summarise_and_resume_an_interrupted_grid(tmp_path, monk
         raise AssertionError("a packed trial was trained again")
 
     monkeypatch.setattr(grid, "train", no_training)
-    assert grid.run(trials[:5], fresh / "mqar", score=score) == finished
+    moved = grid.run(trials[:5], fresh / "mqar", score=score)
+    assert [{**r, "run_dir": None} for r in moved] == [{**r, "run_dir": None} for r in finished]
+    assert all(pathlib.Path(r["run_dir"]).parent.parent == fresh / "mqar" for r in moved)  # where they are now
     with pytest.raises(AssertionError, match="trained again"):  # the rest still trains
         grid.run(trials, fresh / "mqar", score=score)
 

@@ -2,6 +2,7 @@
 import doctest
 import functools
 import json
+import pathlib
 
 import pytest
 
@@ -65,6 +66,31 @@ def test_run_records_resumes_and_refuses_other_settings(tmp_path, monkeypatch):
     final.write_bytes(final.read_bytes()[:-10])  # truncated: refused in one line that names it
     with pytest.raises(ConfigError, match="final.pt is truncated"):
         grid.load_model(records[0])
+
+
+def test_ensure_checkpoints_trains_again_only_the_selected_trials_without_weights(tmp_path, monkeypatch):
+    """Finished trials read back without checkpoints (a pack of finished trials) are trained again
+    only where `select` needs their weights; on the CPU the records come back the same."""
+    import shutil
+
+    trials = grid.expand(_points(), TRAIN, learning_rates=[1e-3, 3e-2], seeds=[0])
+    records = grid.run(trials, tmp_path, score=SCORE)
+    for record in records:
+        shutil.rmtree(pathlib.Path(record["run_dir"]) / "checkpoints")
+    with pytest.raises(ConfigError, match="no final checkpoint"):
+        grid.load_model(records[0])
+
+    def best(rows):
+        return grid.best_over_lr(rows, "accuracy")
+
+    trained, real_train = [], grid.train
+    monkeypatch.setattr(grid, "train", lambda *args, **kwargs: trained.append(args[3]) or real_train(*args, **kwargs))
+    again = grid.ensure_checkpoints(trials, tmp_path, records, best, score=SCORE)
+    assert sorted(map(str, trained)) == sorted(r["run_dir"] for r in best(records))  # one per point, no more
+    assert all((pathlib.Path(r["run_dir"]) / grid.FINAL_CHECKPOINT).exists() for r in best(again))
+    assert [{**r, "train_seconds": 0} for r in again] == [{**r, "train_seconds": 0} for r in records]
+    assert grid.load_model(best(again)[0]).config == TINY
+    assert grid.ensure_checkpoints(trials, tmp_path, again, best, score=SCORE) == again and len(trained) == 2
 
 
 def test_best_over_lr_and_over_seeds():
