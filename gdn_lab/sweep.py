@@ -321,6 +321,22 @@ def rank_stability(result: SweepResult, window: float = 0.3) -> dict:
             "final_order": orders[-1] if orders else [], "swapped": swapped, "evaluations": len(steps)}
 
 
+def gap_over_steps(result: SweepResult, ahead: str, behind: str) -> list[dict]:
+    """[{"step", "gap"}] at every evaluation both variants have: `behind`'s mean validation loss minus
+    `ahead`'s (`SweepResult.mean_curve`: each at its chosen rate, mean over its seeds). A gap that
+    still shrinks at the last evaluations says the budget, not the architecture, sets its final size."""
+    curves = [{row["step"]: row["val_loss"] for row in result.mean_curve(name)} for name in (ahead, behind)]
+    common = sorted(set(curves[0]) & set(curves[1]))
+    return [{"step": step, "gap": curves[1][step] - curves[0][step]} for step in common]
+
+
+def still_closing(gaps: Sequence[dict], steps: Sequence[int]) -> bool:
+    """Whether the gap (`gap_over_steps`) fell from each of `steps` to the next (e.g. the evaluations
+    of `rank_stability`'s window); False with fewer than two of them."""
+    window = [row["gap"] for row in gaps if row["step"] in set(steps)]
+    return len(window) >= 2 and all(later < earlier for earlier, later in zip(window, window[1:]))
+
+
 # ----------------------------------------------------------------------------- running
 
 

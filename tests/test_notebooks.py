@@ -304,6 +304,27 @@ def test_04_hybrids_shows_the_committed_gpu_sweep(tmp_path):
     assert m["stability_steps"] == [150, 175, 200, 203]  # the last 30% of 203 steps
 
 
+def test_04_hybrids_reproduces_the_committed_full_protocol(tmp_path):
+    """Notebook 04 pointed at the committed full-protocol sweep (benchmarks/results/04_hybrids/sweep.json,
+    26 runs on an H200) writes the committed metrics.json again: every number in it (chosen rates,
+    seed ranges, ranking, its stability, the comparison with the seed) follows from the runs."""
+    folder = NOTEBOOKS_DIR.parent / "benchmarks" / "results" / "04_hybrids"
+    (run,) = run_notebooks([NOTEBOOKS_DIR / "04_hybrids.ipynb"], "smoke", tmp_path,
+                           overrides={"results_json": str(folder / "sweep.json")}, progress=False)
+    assert run.status == "ok", run.error
+    committed = json.loads((folder / "metrics.json").read_text())
+    assert committed["runs"] == 26 and committed["source"] == "trained"
+    measured_where = {"device", "source", "seconds"}
+    assert {k: run.metrics[k] for k in committed if k not in measured_where} == {
+        k: v for k, v in committed.items() if k not in measured_where}
+    # the transformer's gap to pure GDN at each evaluation ends at the gap of the final losses, and shrank
+    # at every evaluation of the last 30% (the evidence behind "catching up, not converged")
+    gaps = run.metrics["transformer_gap_by_step"]
+    loss = committed["final_val_loss"]
+    assert gaps[-1]["step"] == 440 and gaps[-1]["gap"] == pytest.approx(loss["transformer"] - loss["gdn"])
+    assert run.metrics["transformer_gap_closing"] and gaps[0]["gap"] > 3 * gaps[-1]["gap"]
+
+
 def test_05_default_scan_results_is_committed():
     """Notebook 05 reads the committed GPU scan by default: the file its parameter names must exist
     and hold records for the three scanned models."""

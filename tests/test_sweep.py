@@ -17,6 +17,7 @@ from gdn_lab.sweep import (
     VariantResult,
     budget_train_config,
     compare_with_seed,
+    gap_over_steps,
     hybrid_variants,
     layout,
     rank_stability,
@@ -24,6 +25,7 @@ from gdn_lab.sweep import (
     run_sweep,
     seed_learning_rate,
     steps_within,
+    still_closing,
 )
 
 BASE = ModelConfig(vocab_size=256, hidden_size=32, num_layers=2, num_heads=2, head_dim=8, attn_num_heads=2,
@@ -357,6 +359,19 @@ def test_rank_stability_over_the_last_30_percent():
     assert rank_stability(SweepResult(seeded, {}))["stable"]
     with pytest.raises(ConfigError, match="window"):
         rank_stability(result, window=0)
+
+
+def test_gap_over_steps_and_whether_it_is_still_closing():
+    # steps 10..100; b trails a by 1.0, 0.8, ..., then the gap stops shrinking at step 90
+    a = [5, 4, 3.5, 3.0, 2.8, 2.6, 2.5, 2.4, 2.3, 2.2]
+    b = [6, 4.8, 4.1, 3.5, 3.2, 2.9, 2.75, 2.6, 2.5, 2.45]
+    seeds = [_run("a", 1e-3, 0, a), _run("a", 1e-3, 1, [v + 0.2 for v in a]), _run("b", 1e-3, 0, b)]
+    gaps = gap_over_steps(SweepResult(seeds, {}), "a", "b")  # a's mean over its two seeds is a + 0.1
+    assert [g["step"] for g in gaps] == list(range(10, 101, 10))
+    assert [round(g["gap"], 6) for g in gaps] == [round(y - x - 0.1, 6) for x, y in zip(a, b)]
+    assert still_closing(gaps, [60, 70, 80])  # 0.2, 0.15, 0.1
+    assert not still_closing(gaps, [70, 80, 90, 100])  # 0.1 at 80 and at 90, then 0.15
+    assert not still_closing(gaps, [100])  # one evaluation shows no trend
 
 
 def test_sweeps_saved_before_the_grid_read_back_as_one_seed():
