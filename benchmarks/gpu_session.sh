@@ -35,7 +35,8 @@ timed() {  # timed SECONDS NAME command...: run, log to $R/NAME.log, record the 
 job_line() {  # job_line JOB: the shell line that runs JOB, logs it and leaves $R/JOB.done
   # EXTRA_<job> adds arguments, e.g. EXTRA_nb02="--param workers=6" (fewer clients on one GPU's memory)
   local extra="EXTRA_$1"
-  echo "start=\$SECONDS; timeout 1500 ${JOB_COMMAND[$1]} ${!extra:-} >'$R/$1.log' 2>&1; \
+  # JOB_TIMEOUT bounds a job that hangs; it keeps counting while the job is paused (`pause`)
+  echo "start=\$SECONDS; timeout ${JOB_TIMEOUT:-1740} ${JOB_COMMAND[$1]} ${!extra:-} >'$R/$1.log' 2>&1; \
 echo \"$1 rc=\$? \$((SECONDS - start))s\" >>'$R/steps.txt'; touch '$R/$1.done'"
 }
 
@@ -155,8 +156,22 @@ collect)
   ls -la "$OUT"
   cat "$R/steps.txt"
   ;;
+pause | resume | stop)
+  # pause JOB: SIGSTOP its process tree (its GPU memory stays; the others get the GPU's time), resume
+  # JOB: SIGCONT, stop JOB: SIGTERM (its finished trials stay; `collect` packs them). The seventh
+  # session did this by hand when four notebooks at once left each too slow to finish anything.
+  job=${2:?"usage: bash benchmarks/gpu_session.sh $1 JOB (e.g. nb02)"}
+  tree() { echo "$1"; for child in $(pgrep -P "$1"); do tree "$child"; done; }
+  top=$(pgrep -f "^timeout [0-9]* ${JOB_COMMAND[$job]:?unknown job $job}" | head -1)
+  [ -n "$top" ] || { echo "$job is not running" >&2; exit 1; }
+  # the `timeout` process itself stays untouched: stopping it would stop its clock, stopping nothing else
+  pids=$(tree "$top" | grep -vx "$top")
+  case $1 in pause) signal=STOP ;; resume) signal=CONT ;; stop) signal=TERM ;; esac
+  # shellcheck disable=SC2086
+  kill -"$signal" $pids && echo "$1 $job: signal $signal to $(wc -w <<<"$pids") processes" | tee -a "$R/steps.txt"
+  ;;
 *)
-  echo "usage: bash benchmarks/gpu_session.sh timings | collect [wait seconds]" >&2
+  echo "usage: bash benchmarks/gpu_session.sh timings | collect [wait seconds] | pause|resume|stop JOB" >&2
   exit 2
   ;;
 esac
