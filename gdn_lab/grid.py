@@ -27,6 +27,7 @@ import concurrent.futures
 import dataclasses
 import gc
 import json
+import math
 import multiprocessing
 import os
 import pathlib
@@ -274,6 +275,29 @@ def best_over_lr(records: Sequence[dict], metric: str, higher_is_better: bool = 
         chosen["lr_scores"] = {f"{r['lr']:g}": r.get(metric) for r in group}
         best.append(chosen)
     return best
+
+
+def at_grid_edge(best: Sequence[dict], metric: str | None = None, solved: float | None = None) -> dict[str, list[dict]]:
+    """Of `best_over_lr`'s records, those that kept the lowest or the highest rate their point was
+    trained at (a grid of three rates or more): {"lowest": [...], "highest": [...]}. A point at an
+    edge may do better beyond the grid; many there say the grid is misplaced. With `metric` and
+    `solved`, a record whose metric reached `solved` is left out (it cannot do better: several rates
+    often tie there, and the tie-break picks one).
+
+    >>> rows = [{"lr": 3e-4, "lr_scores": {"0.0003": 0.9, "0.001": 0.5, "0.003": 0.1}},
+    ...         {"lr": 1e-3, "lr_scores": {"0.0003": 0.4, "0.001": 0.8, "0.003": 0.2}}]
+    >>> {side: [r["lr"] for r in rows] for side, rows in at_grid_edge(rows).items()}
+    {'lowest': [0.0003], 'highest': []}
+    """
+    edges: dict[str, list[dict]] = {"lowest": [], "highest": []}
+    for record in best:
+        if metric is not None and solved is not None and (record.get(metric) or 0.0) >= solved:
+            continue
+        rates = sorted(float(rate) for rate in record["lr_scores"])
+        for side, edge in (("lowest", rates[0]), ("highest", rates[-1])):
+            if len(rates) >= 3 and math.isclose(record["lr"], edge, rel_tol=1e-5):  # the keys hold 6 digits
+                edges[side].append(record)
+    return edges
 
 
 def over_seeds(records: Sequence[dict], metric: str) -> list[dict]:

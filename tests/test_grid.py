@@ -93,6 +93,20 @@ def test_ensure_checkpoints_trains_again_only_the_selected_trials_without_weight
     assert grid.ensure_checkpoints(trials, tmp_path, again, best, score=SCORE) == again and len(trained) == 2
 
 
+def test_rates_at_the_grid_edge():
+    assert doctest.testmod(grid).failed == 0
+    records = [{"model": "m", "lr": lr, "seed": seed, "status": "ok", "accuracy": acc, "final_val_loss": 1.0}
+               for seed, scores in enumerate([(0.9, 0.5, 0.1), (0.2, 0.3, 0.4), (0.1, 0.6, 0.2)])
+               for lr, acc in zip([1e-4 / 3, 1e-3, 3e-3], scores)]
+    edges = grid.at_grid_edge(grid.best_over_lr(records, "accuracy"))
+    assert [(r["seed"], r["lr"]) for r in edges["lowest"]] == [(0, 1e-4 / 3)]  # 3.33e-05 though keys hold 6 digits
+    assert [(r["seed"], r["lr"]) for r in edges["highest"]] == [(1, 3e-3)]
+    best = grid.best_over_lr(records, "accuracy")
+    assert grid.at_grid_edge(best, "accuracy", solved=0.9)["lowest"] == []  # seed 0 solved it at 0.9
+    two_rates = grid.best_over_lr([r for r in records if r["lr"] != 1e-3], "accuracy")
+    assert grid.at_grid_edge(two_rates) == {"lowest": [], "highest": []}  # two rates: every choice is an edge
+
+
 def test_best_over_lr_and_over_seeds():
     def record(model, seed, lr, accuracy, loss=1.0):
         return {"model": model, "lr": lr, "seed": seed, "accuracy": accuracy, "final_val_loss": loss}

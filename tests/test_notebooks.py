@@ -75,6 +75,7 @@ def check_02_toy_tasks(m: dict) -> None:
               + len(smoke["state_head_dims"]) * rates * smoke["state_num_seeds"] + len(names) * rates * seeds)
     assert m["trials"] == trials and m["diverged"] == 0
     assert m["stopped_early"] <= trials and m["train_seconds"] > 0
+    assert m["lr_at_grid_edge"] == {"lowest": 0, "highest": 0}  # a grid of two rates has no edge to flag
 
 
 def check_03_lm_training(m: dict) -> None:
@@ -143,6 +144,7 @@ def check_05_long_context(m: dict) -> None:
     runs_per_point = len(smoke["learning_rates"]) * len(smoke["seeds"])
     assert m["trials"] == len(models) * len(haystacks) * runs_per_point
     assert m["trial_status"] == {"ok": m["trials"], "diverged": 0}
+    assert m["lr_at_grid_edge"] == {"lowest": 0, "highest": 0}  # one rate: no grid, no edge
     assert m["learned_threshold"] == 0.0 and m["not_learned"] == {h: [] for h in haystacks}  # smoke: all "learned"
     for name in models:
         for haystack in haystacks:
@@ -323,6 +325,8 @@ def test_04_hybrids_reproduces_the_committed_full_protocol(tmp_path):
     loss = committed["final_val_loss"]
     assert gaps[-1]["step"] == 440 and gaps[-1]["gap"] == pytest.approx(loss["transformer"] - loss["gdn"])
     assert run.metrics["transformer_gap_closing"] and gaps[0]["gap"] > 3 * gaps[-1]["gap"]
+    figures = {path.stem for path in (tmp_path / "04_hybrids" / "figures").glob("*.html")}
+    assert figures == {"val_loss", "lr_grid", "placement", "throughput"}  # docs/figures/04_hybrids_* come from here
 
 
 def test_05_default_scan_results_is_committed():
