@@ -147,7 +147,7 @@ collect)
   pack_partial nb02 02_toy_tasks "${rates[@]}" --grid mqar:accuracy,exact_match:2 --grid state:accuracy:3 \
     --grid copy:exact_match:2
   pack_partial nb05 05_long_context "${rates[@]}" --grid passkey:exact_match,digit_accuracy,distractor_rate:2
-  pack_partial nb04 04_hybrids --sweep runs
+  pack_partial nb04 04_hybrids --sweep runs --sweep longer
   pack_partial nb07 07_ablations "${tuned_rates[@]}" --grid lm:final_val_loss:3:tuned,lower \
     --grid mqar:accuracy:3:tuned
   pack_partial nb08 08_scaling "${tuned_rates[@]}" --grid runs:final_val_loss:2:tuned,lower

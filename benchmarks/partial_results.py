@@ -9,7 +9,7 @@ resumes it instead of starting over.
 
 A sweep of `gdn_lab.sweep` (notebook 04) keeps its own summary (`sweep.json`, rewritten as runs
 finish); `--sweep runs` packs its finished runs (metrics.json, training_results.json, variant.json,
-config.json) for `sweep.run_sweep` to read back:
+config.json) for `sweep.run_sweep` to read back (`--sweep runs --sweep longer`: both folders'):
 
     python3 benchmarks/partial_results.py /tmp/gpu/nb04/04_hybrids --sweep runs \
         --pack benchmarks/results/04_hybrids/finished_trials_h200.tar.xz
@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=pathlib.Path, help="the notebook's run directory (holds the grid folders)")
     parser.add_argument("--grid", type=parse_grid, action="append", default=[], help="NAME:METRICS:SEEDS[:tuned,lower]")
-    parser.add_argument("--sweep", help="a gdn_lab.sweep folder under run_dir whose finished runs --pack packs")
+    parser.add_argument("--sweep", action="append", default=[],
+                        help="a gdn_lab.sweep folder under run_dir whose finished runs --pack packs (repeatable)")
     parser.add_argument("--learning-rates", type=float, nargs="+")
     parser.add_argument("--source", help="where and at which commit the trials ran")
     parser.add_argument("--out", type=pathlib.Path, help="the summary JSON of the grids")
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.sweep:
         if not args.pack:
             parser.error("--sweep packs a sweep's finished runs: give --pack")
-        runs = sorted(path.parent for path in (args.run_dir / args.sweep).glob("*/*/metrics.json"))
+        runs = sorted(path.parent for sweep in args.sweep for path in (args.run_dir / sweep).glob("*/*/metrics.json"))
         print(f"packed {pack(args.run_dir, runs, SWEEP_FILES, args.pack)} finished runs into {args.pack}")
         return
     if not (args.grid and args.learning_rates and args.source and args.out):

@@ -337,7 +337,11 @@ def lm_data(corpus: str = "pydoc", tokenizer: str = "byte", seq_len: int = 256, 
     """
     text = load_corpus(corpus, max_chars)
     tok = load_tokenizer(tokenizer, corpus=corpus if corpus in EMBEDDED_CORPORA else "pydoc")
-    return LMData(torch.tensor(tok.encode(text), dtype=torch.long), seq_len, val_fraction, seed, tokenizer=tok)
+    if isinstance(tok, ByteTokenizer):  # the same ids as tok.encode, without a Python int per byte
+        tokens = torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
+    else:
+        tokens = torch.tensor(tok.encode(text), dtype=torch.long)
+    return LMData(tokens, seq_len, val_fraction, seed, tokenizer=tok)
 
 
 class PrefetchedBatches:

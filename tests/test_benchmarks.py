@@ -162,6 +162,27 @@ def test_partial_results_summarise_and_resume_an_interrupted_grid(tmp_path, monk
         grid.run(trials, fresh / "mqar", score=score)
 
 
+def test_partial_results_pack_the_runs_of_several_sweeps(tmp_path):
+    """`--sweep runs --sweep longer` packs the finished runs of both sweep folders (notebook 04's grid
+    and its longer runs), without checkpoints, and leaves unfinished runs out."""
+    import tarfile
+
+    partial = load_benchmark("partial_results")
+    for run in ("runs/gdn/lr0.004_seed0", "longer/gdn/lr0.004_seed0", "longer/transformer/lr0.002_seed0"):
+        folder = tmp_path / run
+        (folder / "checkpoints").mkdir(parents=True)
+        (folder / "checkpoints" / "final.pt").write_bytes(b"weights")
+        for name in ("config.json", "training_results.json", "variant.json") + (
+                ("metrics.json",) if "transformer" not in run else ()):  # the transformer has not finished
+            (folder / name).write_text("{}")
+    packed = tmp_path / "finished.tar.xz"
+    partial.main([str(tmp_path), "--sweep", "runs", "--sweep", "longer", "--pack", str(packed)])
+    with tarfile.open(packed) as tar:
+        names = sorted(tar.getnames())
+    assert {name.rsplit("/", 1)[0] for name in names} == {"runs/gdn/lr0.004_seed0", "longer/gdn/lr0.004_seed0"}
+    assert not any(name.endswith(".pt") for name in names) and len(names) == 8
+
+
 def test_memory_breakdown_counts_parameters_state_and_gradients(throughput, tmp_path):
     """benchmarks/common.memory_breakdown: parameters, AdamW's two moments and the gradients come from
     the tensors; the rest of resident and peak memory is split as its docstring says."""

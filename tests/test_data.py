@@ -163,6 +163,9 @@ def test_lm_data_helper_carries_its_tokenizer():
     corpus = embedded_corpus("pydoc", max_chars=20_000).encode("utf-8")
     assert bytes(data.train_batch(0, 2).inputs[0].tolist()) in corpus
     assert data.describe()["tokens"] == len(corpus)
+    # the byte fast path gives the tokenizer's own ids, non-ASCII text included (pydoc has some)
+    assert any(b >= 128 for b in corpus)
+    assert torch.equal(data.tokens, torch.tensor(data.tokenizer.encode(corpus.decode("utf-8"))))
 
 
 def test_prefetched_batches_are_the_loop_batches_in_order():

@@ -131,6 +131,14 @@ def check_04_hybrids(m: dict) -> None:
     agrees = m["run_order_of_seed_variants"] == m["seed_order"]
     assert m["seed_pairs_agreeing"] == int(agrees and not m["seed_pairs_tied"])
     assert m["budget_steps"] is None
+    # the longer runs: pure GDN and the transformer at `longer` x steps; the gap at each evaluation ends at
+    # the gap of their final losses, and the 1x gap by step ends at the 1x means' gap
+    assert m["longer_steps"] == smoke["longer"] * smoke["steps"]
+    longer_loss, longer_gaps = m["longer_final_val_loss"], m["longer_gap_by_step"]
+    assert [g["step"] for g in longer_gaps] == list(range(1, m["longer_steps"] + 1))  # eval_every 1
+    assert longer_gaps[-1]["gap"] == pytest.approx(longer_loss["transformer"] - longer_loss["gdn"])
+    assert m["transformer_gap_by_step"][-1]["gap"] == pytest.approx(losses["transformer"] - losses["gdn"])
+    assert isinstance(m["longer_gap_closing"], bool)
 
 
 def check_05_long_context(m: dict) -> None:
