@@ -139,7 +139,9 @@ collect)
   # memory per process (MPS clients grew trial after trial in the sixth session until the GPU was full)
   nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader | sort -t, -k2 -n -r | head -16
   # finished trials per notebook grid, to plan the next call
-  find "$R" -name trial.json -o -name metrics.json -path '*/runs/*' | sed "s|$R/||" | cut -d/ -f1-3 | sort | uniq -c
+  # (a run folder lr<rate>_seed<seed> counts once, whether it holds a grid's trial.json or a sweep's metrics.json)
+  find "$R" \( -name trial.json -o -name metrics.json \) -path '*/lr*_seed*/*' -printf '%h\n' | sort -u |
+    sed "s|$R/||" | cut -d/ -f1-3 | sort | uniq -c
   # the finished trials of each grid, summarised and packed as benchmarks/results/<notebook>/ keeps them
   # (benchmarks/partial_results.py), in case the profile does not finish in this session
   # (the notebooks' default rates and seeds; 07 and 08 tune the rate at the first seed, then the others)
@@ -162,13 +164,17 @@ pause | resume | stop)
   # session did this by hand when four notebooks at once left each too slow to finish anything.
   job=${2:?"usage: bash benchmarks/gpu_session.sh $1 JOB (e.g. nb02)"}
   tree() { echo "$1"; for child in $(pgrep -P "$1"); do tree "$child"; done; }
-  top=$(pgrep -f "^timeout [0-9]* ${JOB_COMMAND[$job]:?unknown job $job}" | head -1)
+  top=$(pgrep -f "^timeout [^ ]* ${JOB_COMMAND[$job]:?unknown job $job}" | head -1)
   [ -n "$top" ] || { echo "$job is not running" >&2; exit 1; }
   # the `timeout` process itself stays untouched: stopping it would stop its clock, stopping nothing else
   pids=$(tree "$top" | grep -vx "$top")
   case $1 in pause) signal=STOP ;; resume) signal=CONT ;; stop) signal=TERM ;; esac
   # shellcheck disable=SC2086
   kill -"$signal" $pids && echo "$1 $job: signal $signal to $(wc -w <<<"$pids") processes" | tee -a "$R/steps.txt"
+  # a stopped process keeps SIGTERM pending until it runs again (as GNU timeout does: TERM, then CONT)
+  # shellcheck disable=SC2086
+  [ "$signal" = TERM ] && kill -CONT $pids 2>/dev/null
+  true
   ;;
 *)
   echo "usage: bash benchmarks/gpu_session.sh timings | collect [wait seconds] | pause|resume|stop JOB" >&2

@@ -79,12 +79,14 @@ def hybrids_table() -> str:
 
     def best(name: str) -> str:
         row = summary[name]
+        if row["mean"] is None:
+            return "diverged at every rate"
         values = f"{row['mean']:.3f} [{row['min']:.3f}, {row['max']:.3f}]" if row["n"] > 1 else f"{row['mean']:.3f}"
         return f"{values} ({row['n']} seed{'s' if row['n'] > 1 else ''} at {row['lr']:g})"
 
     body = [[name] + [cell(name, lr) for lr in rates] + [best(name)] for name in names]
     env, steps = payload["environment"], payload["config"]["train"]["steps"]
-    reused = sum(bool(r["reused"]) for r in runs)
+    reused = sum(bool(r.get("reused")) for r in runs)
     provenance = f"commit {env['git_commit']}" + (f"; {reused} of the {len(runs)} runs read back from an earlier "
                                                   f"session's finished runs" if reused else "")
     return (f"Hybrids, final validation loss (nats per byte): each rate at the first seed, then the best rate "
@@ -97,7 +99,8 @@ def state_table() -> str:
     points = payload["results"]["state"]["points"]
     if not points:
         return ""
-    return ("MQAR accuracy against the GDN state's key dims per layer, H*K (notebook 02; 64 pairs in 256 tokens; "
+    return ("MQAR accuracy against the GDN state's key dims per layer, H*K (notebook 02; its defaults: 64 pairs "
+            "in 256 tokens; "
             f"{payload['source']}):\n\n"
             + _grid_table(points, "model", "state_key_dims", "accuracy", lambda k: f"H*K={k}"))
 

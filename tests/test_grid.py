@@ -93,6 +93,30 @@ def test_ensure_checkpoints_trains_again_only_the_selected_trials_without_weight
     assert grid.ensure_checkpoints(trials, tmp_path, again, best, score=SCORE) == again and len(trained) == 2
 
 
+def test_ensure_checkpoints_asks_select_again_when_a_retrained_score_moves(tmp_path, monkeypatch):
+    """On a GPU a trial trained again may score otherwise (nondeterministic kernels) and hand the best
+    rate to another trial without weights: that one is trained too, and the loop ends there."""
+    import shutil
+
+    trials = grid.expand(_points()[:1], TRAIN, learning_rates=[1e-3, 3e-2], seeds=[0])
+    records = grid.run(trials, tmp_path, score=SCORE)
+    records = [{**r, "accuracy": a} for r, a in zip(records, [0.9, 0.5], strict=True)]  # 1e-3 is the best
+    for record in records:
+        shutil.rmtree(pathlib.Path(record["run_dir"]) / "checkpoints")
+    real_run_one, trained = grid._run_one, []
+
+    def run_one(trial, folder, score, progress):
+        trained.append(trial.train_config.lr)
+        record = real_run_one(trial, folder, score, progress)
+        return {**record, "accuracy": 0.1 if trial.train_config.lr == 1e-3 else 0.5}  # now 3e-2 is the best
+
+    monkeypatch.setattr(grid, "_run_one", run_one)
+    again = grid.ensure_checkpoints(trials, tmp_path, records, lambda rows: grid.best_over_lr(rows, "accuracy"),
+                                    score=SCORE)
+    assert trained == [1e-3, 3e-2] and [r["accuracy"] for r in again] == [0.1, 0.5]
+    assert all((pathlib.Path(r["run_dir"]) / grid.FINAL_CHECKPOINT).exists() for r in again)
+
+
 def test_rates_at_the_grid_edge():
     assert doctest.testmod(grid).failed == 0
     records = [{"model": "m", "lr": lr, "seed": seed, "status": "ok", "accuracy": acc, "final_val_loss": 1.0}

@@ -75,7 +75,7 @@ def check_02_toy_tasks(m: dict) -> None:
               + len(smoke["state_head_dims"]) * rates * smoke["state_num_seeds"] + len(names) * rates * seeds)
     assert m["trials"] == trials and m["diverged"] == 0
     assert m["stopped_early"] <= trials and m["train_seconds"] > 0
-    assert m["lr_at_grid_edge"] == {"lowest": 0, "highest": 0}  # a grid of two rates has no edge to flag
+    assert set(m["lr_at_grid_edge"]) == {"lowest", "highest"}  # counted by grid.at_grid_edge (tests/test_grid.py)
 
 
 def check_03_lm_training(m: dict) -> None:
@@ -152,7 +152,7 @@ def check_05_long_context(m: dict) -> None:
     runs_per_point = len(smoke["learning_rates"]) * len(smoke["seeds"])
     assert m["trials"] == len(models) * len(haystacks) * runs_per_point
     assert m["trial_status"] == {"ok": m["trials"], "diverged": 0}
-    assert m["lr_at_grid_edge"] == {"lowest": 0, "highest": 0}  # one rate: no grid, no edge
+    assert set(m["lr_at_grid_edge"]) == {"lowest", "highest"}  # counted by grid.at_grid_edge (tests/test_grid.py)
     assert m["learned_threshold"] == 0.0 and m["not_learned"] == {h: [] for h in haystacks}  # smoke: all "learned"
     for name in models:
         for haystack in haystacks:
@@ -316,8 +316,9 @@ def test_04_hybrids_shows_the_committed_gpu_sweep(tmp_path):
 
 def test_04_hybrids_reproduces_the_committed_full_protocol(tmp_path):
     """Notebook 04 pointed at the committed full-protocol sweep (benchmarks/results/04_hybrids/sweep.json,
-    26 runs on an H200) writes the committed metrics.json again: every number in it (chosen rates,
-    seed ranges, ranking, its stability, the comparison with the seed) follows from the runs."""
+    26 runs on an H200) writes the committed metrics.json again: every number the GPU run wrote (chosen
+    rates, seed ranges, ranking, its stability, the comparison with the seed) follows from the runs.
+    Keys added since (the gap by step) are checked against the final losses below."""
     folder = NOTEBOOKS_DIR.parent / "benchmarks" / "results" / "04_hybrids"
     (run,) = run_notebooks([NOTEBOOKS_DIR / "04_hybrids.ipynb"], "smoke", tmp_path,
                            overrides={"results_json": str(folder / "sweep.json")}, progress=False)
