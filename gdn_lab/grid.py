@@ -32,7 +32,6 @@ import multiprocessing
 import os
 import pathlib
 import re
-import shutil
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -195,8 +194,8 @@ def ensure_checkpoints(trials: Sequence[Trial], run_dir: str | pathlib.Path, rec
             return records
         print(f"{run_dir.name}: training {len(missing)} finished trial(s) again for their weights (no final "
               f"checkpoint in their folders)")
-        for i in missing:
-            shutil.rmtree(folders[i])
+        # each folder keeps its record until the new one replaces it (train starts afresh: no checkpoint),
+        # so a pack made meanwhile still holds it
         _train_trials(trials, folders, missing, records, score, workers, progress, desc=run_dir.name)
 
 
