@@ -189,7 +189,7 @@ def ensure_checkpoints(trials: Sequence[Trial], run_dir: str | pathlib.Path, rec
     index = {str(folder): i for i, folder in enumerate(folders)}
     while True:
         missing = sorted({index[str(pathlib.Path(r["run_dir"]))] for r in select(records)
-                          if r["status"] == "ok" and not (pathlib.Path(r["run_dir"]) / FINAL_CHECKPOINT).exists()})
+                          if r["status"] == "ok" and not has_weights(r)})
         if not missing:
             return records
         print(f"{run_dir.name}: training {len(missing)} finished trial(s) again for their weights (no final "
@@ -220,6 +220,11 @@ def _train_trials(trials: Sequence[Trial], folders: Sequence[pathlib.Path], todo
                 records[futures[future]] = future.result()
                 bar.update()
     bar.close()
+
+
+def has_weights(record: dict) -> bool:
+    """Whether a trial record's run directory holds its final checkpoint (what `load_model` reads)."""
+    return (pathlib.Path(record["run_dir"]) / FINAL_CHECKPOINT).exists()
 
 
 def load_model(record: dict, backend: str | None = None) -> CausalLM:

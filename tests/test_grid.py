@@ -87,7 +87,7 @@ def test_ensure_checkpoints_trains_again_only_the_selected_trials_without_weight
     monkeypatch.setattr(grid, "train", lambda *args, **kwargs: trained.append(args[3]) or real_train(*args, **kwargs))
     again = grid.ensure_checkpoints(trials, tmp_path, records, best, score=SCORE)
     assert sorted(map(str, trained)) == sorted(r["run_dir"] for r in best(records))  # one per point, no more
-    assert all((pathlib.Path(r["run_dir"]) / grid.FINAL_CHECKPOINT).exists() for r in best(again))
+    assert all(grid.has_weights(r) for r in best(again))
     assert [{**r, "train_seconds": 0} for r in again] == [{**r, "train_seconds": 0} for r in records]
     assert grid.load_model(best(again)[0]).config == TINY
     assert grid.ensure_checkpoints(trials, tmp_path, again, best, score=SCORE) == again and len(trained) == 2
@@ -114,7 +114,7 @@ def test_ensure_checkpoints_asks_select_again_when_a_retrained_score_moves(tmp_p
     again = grid.ensure_checkpoints(trials, tmp_path, records, lambda rows: grid.best_over_lr(rows, "accuracy"),
                                     score=SCORE)
     assert trained == [1e-3, 3e-2] and [r["accuracy"] for r in again] == [0.1, 0.5]
-    assert all((pathlib.Path(r["run_dir"]) / grid.FINAL_CHECKPOINT).exists() for r in again)
+    assert all(grid.has_weights(r) for r in again)
 
 
 def test_rates_at_the_grid_edge():
