@@ -149,6 +149,21 @@ def launch_from_env(train_config: TrainConfig) -> Launch:
     return Launch(rank, world_size, device)
 
 
+def shutdown_distributed(clean: bool = True) -> None:
+    """End torch.distributed in this process, if it was started.
+
+    `clean` (every rank got here without an error): first a barrier, so no rank tears its group down
+    while a peer still talks to it (gloo aborts the process, "terminate called without an active
+    exception", when a peer's connection closes under a pending operation). After an error only this
+    rank's group is destroyed: a barrier would wait for ranks that may never arrive.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if clean:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def _all_reduce_sum(tensor: torch.Tensor, launch: Launch) -> torch.Tensor:
     if launch.world_size > 1:
         dist.all_reduce(tensor)
@@ -874,6 +889,7 @@ def main(argv: list[str] | None = None) -> int:
     from .models import build_model
 
     run_dir = args.run_dir or f"runs/{args.preset}"
+    clean = False
     try:
         model_config, train_config = configs_from_args(args)
         pick_device(train_config.device)
@@ -884,6 +900,7 @@ def main(argv: list[str] | None = None) -> int:
         model = build_model(model_config.replace(vocab_size=data.vocab_size))
         result = train(model, train_config, data, run_dir, resume=args.resume, extend_steps=args.extend_steps,
                        progress=not args.no_progress, overwrite=args.overwrite)
+        clean = True
     except (ConfigError, BackendError, DistributedLaunchError) as err:
         print(f"gdn_lab train: {err}", file=sys.stderr)
         return 2
@@ -893,8 +910,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_distributed(clean)
     if int(os.environ.get("RANK", 0)) == 0:
         m = result.metrics
         print(f"{m['steps']} steps, {m['tokens']:,} tokens: val loss {m['final_val_loss']:.4f}, "

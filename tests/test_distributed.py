@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from gdn_lab.config import ModelConfig, TrainConfig
 from gdn_lab.data import lm_data
 from gdn_lab.models import build_model
-from gdn_lab.train import TORCHRUN_ENV, DistributedLaunchError, main, train
+from gdn_lab.train import TORCHRUN_ENV, DistributedLaunchError, main, shutdown_distributed, train
 
 TINY = ModelConfig(vocab_size=256, hidden_size=32, num_layers=2, num_heads=2, head_dim=8, attn_num_heads=2,
                    attn_layers=(1,), backend="torch")
@@ -50,11 +50,13 @@ def _rank_main(rank: int, world_size: int, port: int, runs: list[tuple[str, str 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
+    clean = False
     try:
         for run_dir, resume in runs:  # one process group serves every run
             train(fresh_model(), config(grad_accum=1), make_data(), run_dir, resume=resume, progress=False)
+        clean = True
     finally:
-        torch.distributed.destroy_process_group()
+        shutdown_distributed(clean)
 
 
 def train_on_two_processes(*runs: tuple[pathlib.Path, pathlib.Path | None]) -> list[list[dict]]:
