@@ -281,9 +281,11 @@ def best_over_lr(records: Sequence[dict], metric: str, higher_is_better: bool = 
     return best
 
 
-def at_grid_edge(best: Sequence[dict], metric: str | None = None, solved: float | None = None) -> dict[str, list[dict]]:
+def at_grid_edge(best: Sequence[dict], metric: str | None = None, solved: float | None = None,
+                 min_rates: int = 3) -> dict[str, list[dict]]:
     """Of `best_over_lr`'s records, those that kept the lowest or the highest rate their point was
-    trained at (a grid of three rates or more): {"lowest": [...], "highest": [...]}. A point at an
+    trained at (a grid of `min_rates` rates or more: of two, every choice is an edge):
+    {"lowest": [...], "highest": [...]}. A point at an
     edge may do better beyond the grid; many there say the grid is misplaced. With `metric` and
     `solved`, a record whose metric reached `solved` is left out (it cannot do better: several rates
     often tie there, and the tie-break picks one).
@@ -299,9 +301,86 @@ def at_grid_edge(best: Sequence[dict], metric: str | None = None, solved: float 
             continue
         rates = sorted(float(rate) for rate in record["lr_scores"])
         for side, edge in (("lowest", rates[0]), ("highest", rates[-1])):
-            if len(rates) >= 3 and math.isclose(record["lr"], edge, rel_tol=1e-5):  # the keys hold 6 digits
+            if len(rates) >= max(2, min_rates) and math.isclose(record["lr"], edge, rel_tol=1e-5):  # keys: 6 digits
                 edges[side].append(record)
     return edges
+
+
+NICE_MANTISSAS = (1.0, 2.0, 3.0, 5.0)  # learning rates as people write them: 1, 2, 3 or 5 x 10^k
+
+
+def beyond_edge(rates: Sequence[float], side: str) -> float:
+    """The rate one grid step past the `side` ("lowest" | "highest") edge of `rates`: the edge's ratio
+    to its neighbour applied once more, rounded in log space to 1, 2, 3 or 5 x 10^k (and kept
+    strictly beyond the edge).
+
+    >>> beyond_edge([3e-4, 1e-3, 3e-3], "lowest"), beyond_edge([3e-4, 1e-3, 3e-3], "highest")
+    (0.0001, 0.01)
+    >>> beyond_edge([1e-4, 3e-4, 1e-3, 3e-3], "lowest")
+    3e-05
+    """
+    rates = sorted(float(rate) for rate in rates)
+    if len(rates) < 2 or side not in ("lowest", "highest"):
+        raise ConfigError(f"beyond_edge needs two rates or more and side 'lowest' or 'highest', not {rates}, {side!r}")
+    edge, neighbour = (rates[0], rates[1]) if side == "lowest" else (rates[-1], rates[-2])
+    exact = edge * edge / neighbour
+    exponent = math.floor(math.log10(exact))
+    candidates = [m * 10.0 ** e for e in (exponent - 1, exponent, exponent + 1) for m in NICE_MANTISSAS]
+    nice = min(candidates, key=lambda rate: abs(math.log10(rate / exact)))
+    nice = float(f"{nice:.1g}")  # 1e-4, not 0.00010000000000000002
+    beyond = nice < edge if side == "lowest" else nice > edge
+    return nice if beyond and not math.isclose(nice, edge, rel_tol=1e-5) else exact
+
+
+def _beats_inward_neighbour(record: dict, side: str, higher_is_better: bool) -> bool:
+    """Whether a best-of-grid record at its grid's `side` edge scored strictly better than the next rate
+    inward: a choice made by the tie-break among equal scores says nothing about rates beyond."""
+    scores = sorted(((float(rate), value) for rate, value in record["lr_scores"].items()), key=lambda item: item[0])
+    edge, inward = (scores[0][1], scores[1][1]) if side == "lowest" else (scores[-1][1], scores[-2][1])
+    if edge is None:
+        return False
+    if inward is None:
+        return True
+    return edge > inward if higher_is_better else edge < inward
+
+
+def extend_at_edges(trials: Sequence[Trial], run_dir: str | pathlib.Path, records: Sequence[dict], metric: str,
+                    higher_is_better: bool = True, solved: float | None = None, rounds: int = 1,
+                    score: Score | None = None, workers: int = 1, progress: bool = False
+                    ) -> tuple[list[Trial], list[dict]]:
+    """Bracket every best rate: `run`'s trials and records, with one more trial a grid step beyond the
+    edge (`beyond_edge`: 1e-4 below {3e-4, 1e-3, 3e-3}, 1e-2 above) for each (point, seed) whose best
+    rate is the lowest or the highest it was trained at and scored strictly better there than at the
+    next rate inward (`at_grid_edge`; with `solved` (higher_is_better metrics), one that reached it is
+    left alone); up to `rounds` times. A best rate at the edge of its grid is not a tuned rate: the
+    optimum may lie beyond it (zoology sweeps 1e-4 .. 1e-2). A grid of two rates grows toward the
+    better one: three rates for the price of a third where the first two say where to look.
+    Resumable as `run` is.
+
+    Returns (trials, records) with the new ones appended, aligned as `run`'s, for `best_over_lr`,
+    `ensure_checkpoints` and the rest.
+    """
+    run_dir = pathlib.Path(run_dir)
+    trials, records = list(trials), list(records)
+    for _ in range(max(0, rounds)):
+        index = {str(run_dir / trial.folder): i for i, trial in enumerate(trials)}
+        best = best_over_lr(records, metric, higher_is_better)
+        edges = at_grid_edge(best, metric if solved is not None else None, solved if higher_is_better else None,
+                             min_rates=2)
+        extra = []
+        for side, rows in edges.items():
+            for record in rows:
+                if _beats_inward_neighbour(record, side, higher_is_better):
+                    trial = trials[index[str(pathlib.Path(record["run_dir"]))]]
+                    rate = beyond_edge([float(rate) for rate in record["lr_scores"]], side)
+                    extra.append(dataclasses.replace(trial, train_config=trial.train_config.replace(lr=rate)))
+        if not extra:
+            break
+        where = ", ".join(f"{t.point} seed {t.train_config.seed} at {t.train_config.lr:g}" for t in extra)
+        print(f"{run_dir.name}: {len(extra)} best rate(s) at the edge of their grid, one trial beyond each: {where}")
+        trials += extra
+        records += run(extra, run_dir, score=score, workers=workers, progress=progress)
+    return trials, records
 
 
 def over_seeds(records: Sequence[dict], metric: str) -> list[dict]:

@@ -65,12 +65,14 @@ def _key(labels: dict, record: dict | None = None) -> str:
 def tune_then_seed(points: Sequence[Point], train_config: TrainConfig, run_dir: str | pathlib.Path,
                    learning_rates: Sequence[float], seeds: Sequence[int], metric: str,
                    higher_is_better: bool = True, score: grid.Score | None = None, workers: int = 1,
-                   progress: bool = False) -> ProtocolResult:
+                   progress: bool = False, extend_grid: int = 0) -> ProtocolResult:
     """Run the protocol (module docstring) over `points` in `run_dir` (`grid.run`'s folders:
     `run_dir/<point>/lr<rate>_seed<seed>`) and summarise `metric` over `seeds`.
 
     `score(model, data)`: extra numbers per trial (e.g. `recall.evaluate_task`; None for text, whose
     record already holds final_val_loss). `workers`: trials trained side by side (`grid.run`).
+    `extend_grid`: rounds of `grid.extend_at_edges` on the first seed's grid before a rate is chosen
+    (a point whose best rate is the grid's lowest or highest gets one more rate beyond it per round).
     """
     if not points:
         raise ConfigError("no points to run; give at least one (labels, config, data)")
@@ -91,6 +93,8 @@ def tune_then_seed(points: Sequence[Point], train_config: TrainConfig, run_dir: 
     tuning = [trial for labels, config, data, config_t in plans
               for trial in grid.expand([(labels, config, data)], config_t, learning_rates, [first])]
     records = grid.run(tuning, run_dir, score=score, workers=workers, progress=progress)
+    tuning, records = grid.extend_at_edges(tuning, run_dir, records, metric, higher_is_better, rounds=extend_grid,
+                                           score=score, workers=workers, progress=progress)
     tuned = grid.best_over_lr(records, metric, higher_is_better)
     chosen = {key: next(r["lr"] for r in tuned if _key(labels, r) == key)
               for (labels, *_), key in zip(plans, keys)}

@@ -102,6 +102,20 @@ def test_tune_then_seed_on_mqar(tmp_path):
     assert again.table == result.table  # finished trials are read back, not retrained
 
 
+def test_tune_then_seed_extends_the_first_seeds_grid_past_its_better_edge(tmp_path):
+    data = tasks.TaskData("mqar", vocab_size=32, seq_len=16, num_kv_pairs=2)
+    points = [({"variant": "GDN"}, BASE.replace(vocab_size=32), data)]
+    train_config = TrainConfig(steps=3, batch_size=4, warmup_steps=1, eval_every=3, eval_batches=1, device="cpu")
+    result = tune_then_seed(points, train_config, tmp_path, [1e-3, 3e-3], [0, 1], metric="final_val_loss",
+                            higher_is_better=False, extend_grid=1)
+    losses = {r["lr"]: r["final_val_loss"] for r in result.records if r["seed"] == 0}
+    better = min((1e-3, 3e-3), key=losses.get)  # a loss never ties: one edge always wins
+    assert set(losses) == {1e-3, 3e-3, 3e-4 if better == 1e-3 else 1e-2}
+    chosen = result.row(variant="GDN")["chosen_lr"]
+    assert losses[chosen] == min(losses.values())
+    assert [r["lr"] for r in result.records if r["seed"] == 1] == [chosen]
+
+
 def test_tune_then_seed_moves_the_text_shuffle_and_takes_a_train_config_per_point(tmp_path):
     data = lm_data("pydoc", "byte", seq_len=16, max_chars=20_000)
     config = BASE.replace(vocab_size=256)

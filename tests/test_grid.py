@@ -2,6 +2,7 @@
 import doctest
 import functools
 import json
+import math
 import pathlib
 
 import pytest
@@ -129,6 +130,43 @@ def test_rates_at_the_grid_edge():
     assert grid.at_grid_edge(best, "accuracy", solved=0.9)["lowest"] == []  # seed 0 solved it at 0.9
     two_rates = grid.best_over_lr([r for r in records if r["lr"] != 1e-3], "accuracy")
     assert grid.at_grid_edge(two_rates) == {"lowest": [], "highest": []}  # two rates: every choice is an edge
+
+
+def test_extend_at_edges_brackets_each_best_rate(tmp_path, monkeypatch):
+    """One more trial beyond the edge where the best rate is there and beat its neighbour; none where the
+    grid is flat (a tie-break), solved, or peaked inside; again next round while the edge keeps winning."""
+    peak = {0: 1e-5, 1: None, 2: 1e-3, 3: 1e-1}  # seed -> the rate this fake task likes best (None: flat)
+    trained = []
+
+    def run_one(trial, folder, score, progress):
+        lr, seed = trial.train_config.lr, trial.train_config.seed
+        trained.append((seed, lr))
+        accuracy = 0.5 if peak[seed] is None else 0.9 - 0.1 * abs(math.log10(lr / peak[seed]))
+        record = {**trial.labels, "lr": lr, "seed": seed, "run_dir": str(folder), "status": "ok",
+                  "final_val_loss": 1.0, "accuracy": accuracy}
+        grid.write_json(folder / grid.TRIAL_FILE, record)
+        return record
+
+    monkeypatch.setattr(grid, "_run_one", run_one)
+    trials = grid.expand(_points()[:1], TRAIN, learning_rates=[3e-4, 1e-3, 3e-3], seeds=[0, 1, 2, 3])
+    records = grid.run(trials, tmp_path)
+    trained.clear()
+    trials, records = grid.extend_at_edges(trials, tmp_path, records, "accuracy", rounds=2)
+    assert trained == [(0, 1e-4), (3, 1e-2), (0, 3e-5), (3, 3e-2)]
+    assert len(trials) == len(records) == 16 and [t.train_config.lr for t in trials[12:]] == [1e-4, 1e-2, 3e-5, 3e-2]
+    best = {r["seed"]: r["lr"] for r in grid.best_over_lr(records, "accuracy")}
+    assert best[0] == 3e-5 and best[2] == 1e-3 and best[3] == 3e-2
+    trained.clear()  # a second call reads every trial back and adds none beyond the two rounds it may take
+    again_trials, again = grid.extend_at_edges(trials[:12], tmp_path, records[:12], "accuracy", rounds=2)
+    assert trained == [] and again == records
+    _, solved = grid.extend_at_edges(trials[:12], tmp_path, records[:12], "accuracy", solved=0.75, rounds=1)
+    assert trained == [] and len(solved) == 13  # seed 0 reached 0.752 at 3e-4: solved; seed 3 0.748 at 3e-3
+    _, losses = grid.extend_at_edges(trials[:12], tmp_path, [{**r, "loss": -r["accuracy"]} for r in records[:12]],
+                                     "loss", higher_is_better=False, rounds=1)
+    assert len(losses) == 14  # the same two edges, read as a loss to minimise
+    pair = [t for t in trials[:12] if t.train_config.lr != 1e-3]  # a grid of two rates grows toward the better
+    _, grown = grid.extend_at_edges(pair, tmp_path, [r for r in records[:12] if r["lr"] != 1e-3], "accuracy")
+    assert sorted((r["seed"], r["lr"]) for r in grown[8:]) == [(0, 3e-5), (2, 3e-2), (3, 3e-2)]  # a step of 10x
 
 
 def test_best_over_lr_and_over_seeds():

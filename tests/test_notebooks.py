@@ -12,6 +12,7 @@ import pytest
 import yaml
 from conftest import NOTEBOOKS_DIR
 
+from gdn_lab import grid
 from gdn_lab.data import ByteTokenizer
 from gdn_lab.longctx import shortest_prompt
 from gdn_lab.runner import NOTEBOOK_GLOB, run_notebooks
@@ -71,9 +72,13 @@ def check_02_toy_tasks(m: dict) -> None:
     assert math.isclose(m["mqar_chance"], 1 / (vocab - vocab // 2))
     assert math.isclose(m["copy_chance"], 1 / (smoke["copy_vocab_size"] - 2))
     rates, seeds = len(smoke["learning_rates"]), smoke["num_seeds"]
-    trials = (len(names) * len(smoke["mqar_lengths"]) * rates * seeds  # state: one model (GDN)
-              + len(smoke["state_head_dims"]) * rates * smoke["state_num_seeds"] + len(names) * rates * seeds)
-    assert m["trials"] == trials and m["diverged"] == 0
+    pairs = (len(names) * len(smoke["mqar_lengths"]) * seeds  # (point, seed) pairs; state: one model (GDN)
+             + len(smoke["state_head_dims"]) * smoke["state_num_seeds"] + len(names) * seeds)
+    # every pair at every rate, and at most one more rate per pair (extend_grid = 1) where its best was an edge
+    assert pairs * rates <= m["trials"] <= pairs * (rates + 1) and m["diverged"] == 0
+    beyond = {grid.beyond_edge(smoke["learning_rates"], side) for side in ("lowest", "highest")}
+    assert m["extend_grid"] == 1 and set(m["lr_beyond_grid"]) <= beyond
+    trials = m["trials"]
     assert m["stopped_early"] <= trials and m["train_seconds"] > 0
     assert set(m["lr_at_grid_edge"]) == {"lowest", "highest"}  # counted by grid.at_grid_edge (tests/test_grid.py)
 
@@ -215,7 +220,10 @@ def check_07_ablations(m: dict) -> None:
         low, high = m["mqar_accuracy_range"][name]
         assert 0 <= low <= m["mqar_accuracy"][name] <= high <= 1
         assert m["lm_seeds"][name] == m["mqar_seeds"][name] == seeds
-        assert m["lm_chosen_lr"][name] in rates and m["mqar_chosen_lr"][name] in rates
+        assert m["lm_chosen_lr"][name] in m["lr_tried"]["lm"] and m["mqar_chosen_lr"][name] in m["lr_tried"]["mqar"]
+    beyond = {grid.beyond_edge(rates, "lowest"), grid.beyond_edge(rates, "highest")}  # extend_grid's one round
+    assert m["extend_grid"] == 1 and set(m["lr_tried"]["lm"]) - set(rates) <= beyond
+    assert set(rates) <= set(m["lr_tried"]["mqar"]) <= set(rates) | beyond
     assert set(m["lm_tokens"].values()) == {smoke["lm_steps"] * smoke["lm_batch_size"] * smoke["lm_seq_len"]}
     others = set(chosen) - {"GDN"}
     for verdicts in (m["lm_verdict"], m["mqar_verdict"]):
@@ -225,8 +233,10 @@ def check_07_ablations(m: dict) -> None:
     assert m["state_size"]["head_dim x2"] == 2 * m["state_size"]["GDN"]  # same H*K, twice the key dim per head
     vocab = smoke["mqar_vocab_size"]
     assert math.isclose(m["mqar_chance"], 1 / (vocab - vocab // 2))
-    # per variant and task: the rate grid at the first seed, then the other seeds at the chosen rate
-    assert m["trials"] == len(chosen) * 2 * (len(rates) + len(seeds) - 1) and m["diverged"] == 0
+    # per variant and task: the rate grid at the first seed, one rate past its better edge (a loss never ties
+    # between two rates, so every LM grid grows; an MQAR grid whose rates tie does not), the other seeds
+    base = len(chosen) * 2 * (len(rates) + len(seeds) - 1)
+    assert base + len(chosen) <= m["trials"] <= base + 2 * len(chosen) and m["diverged"] == 0
     assert m["train_seconds"] > 0
 
 
@@ -235,6 +245,8 @@ def check_08_scaling(m: dict) -> None:
     archs, shapes = ["gdn", "transformer", "sparse"], [f"{h}x{n}" for h, n in smoke["shapes"]]
     rates, seeds = smoke["learning_rates"], list(range(smoke["num_seeds"]))
     assert m["architectures"] == archs and m["shapes"] == shapes and m["learning_rates"] == rates
+    beyond = {grid.beyond_edge(rates, "lowest"), grid.beyond_edge(rates, "highest")}
+    assert set(rates) < set(m["lr_tried"]) <= set(rates) | beyond  # every loss grid grows past its better edge
     for arch in archs:
         params = [m["params"][arch][shape] for shape in shapes]
         assert params == sorted(params) and params[0] > 0
@@ -249,7 +261,7 @@ def check_08_scaling(m: dict) -> None:
             assert m["flops"][arch][shape] > 6 * n * tokens  # 6ND plus the head and the mixers
             low, high = m["val_loss_range"][arch][shape]
             assert low <= m["val_loss"][arch][shape] <= high < math.log(256)
-            assert m["seeds"][arch][shape] == seeds and m["chosen_lr"][arch][shape] in rates
+            assert m["seeds"][arch][shape] == seeds and m["chosen_lr"][arch][shape] in m["lr_tried"]
     assert set(m["alpha"]) | set(m["fit_errors"]) == set(archs)
     for arch, alpha in m["alpha"].items():
         low, high = m["alpha_interval"][arch]
@@ -260,7 +272,8 @@ def check_08_scaling(m: dict) -> None:
     assert all(set(tied) <= set(archs) - {m["winners"][shape]} for shape, tied in m["tied_with_winner"].items())
     assert min(m["batch_size"]["gdn"].values()) < smoke["batch_size"]  # the smallest size shrank its batch
     assert m["kaplan_alpha_N"] == 0.076 and 0.27 < m["chinchilla_alpha_here"] < 0.35
-    assert m["trials"] == len(archs) * len(shapes) * (len(rates) + len(seeds) - 1) and m["diverged"] == 0
+    # the grid, one rate past its better edge (a loss never ties between two rates), the other seeds
+    assert m["trials"] == len(archs) * len(shapes) * (len(rates) + 1 + len(seeds) - 1) and m["diverged"] == 0
 
 
 CHECKS = {
