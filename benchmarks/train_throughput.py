@@ -68,12 +68,15 @@ from benchmarks.common import (  # noqa: E402
 from gdn_lab.config import TrainConfig  # noqa: E402
 from gdn_lab.cuda_graph import GraphedTrainStep  # noqa: E402
 from gdn_lab.env import check_training_backend, environment_report, pick_device, pick_dtype, resolve_backend  # noqa: E402
+from gdn_lab.memory import bytes_per_token, over_layers, saved_for_backward  # noqa: E402
 from gdn_lab.results import save_results  # noqa: E402
 from gdn_lab.train import make_optimizer  # noqa: E402
 
 FULL_CONTEXTS = (1024, 4096, 16384)
 GRAPH = "+graph"  # a model name with this suffix trains through gdn_lab.cuda_graph.GraphedTrainStep
 SMOKE_CONTEXTS = (32, 128)
+# batch-1 lengths between which the bytes saved for the backward are counted per token (gdn_lab.memory)
+SAVED_LENGTHS, SMOKE_SAVED_LENGTHS = (2048, 4096), (128, 256)
 BASE_MODELS = ("gdn", "fla", "transformer", "gdn_v64")
 MODELS = BASE_MODELS + tuple(name + GRAPH for name in BASE_MODELS)
 DEFAULT_MODELS = ("gdn", "fla", "transformer")
@@ -178,6 +181,25 @@ def run_cell(name: str, model: torch.nn.Module, context: int, args, device: torc
         model.zero_grad(set_to_none=True)
         free_memory(device)
     return record
+
+
+def saved_per_token(name: str, model: torch.nn.Module, lengths: tuple[int, int], vocab_size: int,
+                    device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    """What autograd keeps for the backward, in bytes per token, summed over layers by module
+    (`gdn_lab.memory`: "model.layers.*.attn", "model.layers.*.mlp", ...; "" is the model's own forward,
+    the loss included), from two forward passes at batch 1 under the step's autocast. Tensors a custom
+    autograd Function keeps as attributes of its ctx, not through save_for_backward, are not seen:
+    the measured peak stays the ground truth."""
+    compute_loss = loss_fn(name)
+    tokens = torch.randint(0, vocab_size, (1, max(lengths) + 1), device=device)
+
+    def forward(length: int):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            return compute_loss(model, tokens[:, :length], tokens[:, 1:length + 1])
+
+    passes = [saved_for_backward(model, lambda n=n: forward(n), tokens=n) for n in lengths]
+    free_memory(device)
+    return over_layers(bytes_per_token(*passes))
 
 
 def rotated(names: list[str], shift: int) -> list[str]:
@@ -331,6 +353,12 @@ def main(argv: list[str] | None = None) -> dict:
         models = {name: model for name, model in models.items() if not name.endswith(GRAPH)}
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
     say("parameters: " + ", ".join(f"{n} {p / 1e6:.1f}M" for n, p in params.items()))
+    saved_lengths = SMOKE_SAVED_LENGTHS if args.smoke else SAVED_LENGTHS
+    saved = {name: saved_per_token(name, model, saved_lengths, args.vocab_size, device, dtype)
+             for name, model in built.items()}
+    for name, parts in saved.items():
+        say(f"saved for backward, {name}: {sum(parts.values()) / 1024:.1f} KiB per token; "
+            + ", ".join(f"{part or 'model'} {value / 1024:.1f}" for part, value in list(parts.items())[:6]))
 
     cells = []
     for round_index in range(args.rounds):
@@ -356,7 +384,7 @@ def main(argv: list[str] | None = None) -> dict:
         say(f"target {target['ratio']} @{target['context']} {target['target']}: {fmt(target['value'], '.3f')} "
             f"-> {target['met']}")
     results = {"records": records, "ratios": ratios, "targets": targets, "parameters": params, "notes": notes,
-               "world_size": world_size}
+               "world_size": world_size, "saved_bytes_per_token": saved, "saved_lengths": list(saved_lengths)}
     if args.out and is_main:
         config = {"contexts": list(contexts), "tokens_per_step": args.tokens_per_step, "dtype": str(dtype),
                   "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "smoke": args.smoke,

@@ -50,6 +50,12 @@ def test_smoke_run_times_each_cell_in_every_round(throughput, tmp_path):
         assert min(r["rounds"]) <= r["tokens_per_s"] <= max(r["rounds"])
     assert results["ratios"]["gdn_over_transformer"]["32"] == pytest.approx(
         records[0]["tokens_per_s"] / records[1]["tokens_per_s"])
+    saved = results["saved_bytes_per_token"]  # gdn_lab.memory's breakdown, summed over layers
+    assert list(saved) == ["gdn", "transformer", "gdn_v64"]
+    for parts in saved.values():
+        assert parts["model.layers.*.attn"] > 0 and parts["model.layers.*.mlp"] > 0
+    assert saved["gdn_v64"]["model.layers.*.attn"] < saved["gdn"]["model.layers.*.attn"]  # half the value dim
+    assert saved["gdn"]["model.layers.*.mlp"] == saved["transformer"]["model.layers.*.mlp"]  # the same MLP
     assert results["ratios"]["gdn_v64_over_transformer"]["32"] == pytest.approx(
         records[2]["tokens_per_s"] / records[1]["tokens_per_s"])
 
