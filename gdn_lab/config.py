@@ -180,6 +180,10 @@ class ModelConfig:
     `attn_conv_size` > 0 puts a causal depthwise conv of that width on the attention mixer's
     q, k and v (after the projections, before RoPE; identity at init), as zoology's MQAR
     baselines do; 0 is plain attention.
+    `recompute_gdn`: each GDN mixer keeps only its input for the backward and runs its forward
+    again there (activation checkpointing, `torch.utils.checkpoint`): the same gradients, the
+    activations of conv, recurrence, norm and projections not kept, about one more forward of
+    each GDN mixer per step. Training only; decoding and evaluation are unchanged.
     """
 
     vocab_size: int = 256
@@ -199,6 +203,7 @@ class ModelConfig:
     dt_min: float = 1e-3
     dt_max: float = 0.1
     fixed_beta: float | None = None
+    recompute_gdn: bool = False
     # softmax attention mixers (SDPA + RoPE): full causal ('attn') and sliding-window ('swa')
     attn_num_heads: int = 4
     attn_num_kv_heads: int | None = None

@@ -89,7 +89,7 @@ def expand(points: Iterable[tuple[dict, ModelConfig, Any]], train_config: TrainC
 
 
 # Settings that do not change what a run computes: a run made with other values is still this run.
-RUN_INDEPENDENT = {"model": {"backend"}, "train": {"device", "log_every", "save_every"}}
+RUN_INDEPENDENT = {"model": {"backend", "recompute_gdn"}, "train": {"device", "log_every", "save_every"}}
 
 
 def check_run_dir(run_dir: str | pathlib.Path, config: ModelConfig, train_config: TrainConfig, data,

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import ops
 from .config import BACKENDS, ConfigError, ModelConfig, check_attention_conv_size, check_gdn_settings
@@ -243,6 +244,7 @@ class GatedDeltaNet(FromConfig, KernelBackend, nn.Module):
         dt_min: float = 1e-3,
         dt_max: float = 0.1,
         fixed_beta: float | None = None,
+        recompute_gdn: bool = False,
         norm_eps: float = 1e-5,
         backend: str = "auto",
         layer_idx: int | None = None,
@@ -257,6 +259,7 @@ class GatedDeltaNet(FromConfig, KernelBackend, nn.Module):
         self.use_gate, self.use_short_conv, self.use_decay = use_gate, use_short_conv, use_decay
         self.allow_neg_eigval, self.conv_size, self.conv_bias = allow_neg_eigval, conv_size, conv_bias
         self.dt_min, self.dt_max, self.fixed_beta = dt_min, dt_max, fixed_beta
+        self.recompute = recompute_gdn  # training passes keep only x; the backward runs the forward again
         self.layer_idx = layer_idx
         self._training_backend_checked = False
 
@@ -460,6 +463,14 @@ class GatedDeltaNet(FromConfig, KernelBackend, nn.Module):
         the state is left untouched there, and y at those steps is finite but meaningless)."""
         if mask is not None:
             mask = mask.to(device=x.device, dtype=torch.bool)
+        if self.recompute and state is None and torch.is_grad_enabled():
+            # no RNG inside the layer, so no RNG state to save and restore (which CUDA-graph capture forbids)
+            return checkpoint(self._mix, x, None, mask, use_reentrant=False, preserve_rng_state=False)
+        return self._mix(x, state, mask)
+
+    def _mix(self, x: torch.Tensor, state: GDNState | None,
+             mask: torch.Tensor | None) -> tuple[torch.Tensor, GDNState | None]:
+        """`forward` on either backend, every activation kept for the backward."""
         if self.kernel_backend(x.device) == "fla":
             return self._forward_fla(x, state, mask)
         f = self.features(x, state, mask)

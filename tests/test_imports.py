@@ -15,9 +15,9 @@ PACKAGE = pathlib.Path(gdn_lab.__file__).parent
 # DESIGN.md lists no order it is made explicit here: `recall` runs models on `tasks`' data; `viz` draws
 # the records of `longctx` and `scaling`; `train` saves its curves through `viz`, and the experiment
 # modules (grid, sweep, protocol) and the command line sit on top of the one training loop.
-LAYERS = ["config", "ops", "stacked", "stats", "env", "results", "data", "tasks", "layers", "models", "generate",
-          "probe", "recall", "longctx", "scaling", "ablations", "viz", "widgets", "cuda_graph", "train", "grid",
-          "sweep", "protocol", "runner", "__main__"]
+LAYERS = ["config", "ops", "stacked", "stats", "memory", "env", "results", "data", "tasks", "layers", "models",
+          "generate", "probe", "recall", "longctx", "scaling", "ablations", "viz", "widgets", "cuda_graph", "train",
+          "grid", "sweep", "protocol", "runner", "__main__"]
 
 # what importing a module may not load (checked in a fresh interpreter)
 FLOORS = {

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from gdn_lab.config import PRESETS, ConfigError, ModelConfig, TrainConfig
+from gdn_lab.generate import generate
 from gdn_lab.layers import MIXERS, GDNState, KVState, SlidingWindowAttention, WindowKVState
+from gdn_lab.memory import bytes_per_token, saved_for_backward
 from gdn_lab.models import CausalLM, build_model, count_params, from_fla, preset_table, to_fla
 from gdn_lab.train import make_optimizer
 
@@ -206,6 +208,31 @@ def test_tied_embeddings_share_one_tensor_and_train():
     optimizer.step()
     assert torch.isfinite(loss) and not torch.equal(model.lm_head.weight, before)
     assert model.lm_head.weight is model.model.embeddings.weight
+
+
+def test_recomputed_gdn_mixers_give_the_same_gradients_and_keep_only_their_input():
+    """`recompute_gdn`: bit-equal loss and gradients on the CPU, a GDN mixer keeping hidden_size fp32 values per
+    token for the backward (its input) instead of its activations, decoding untouched."""
+    ids, targets = token_ids(2, 256), token_ids(2, 256, seed=2)
+    runs = {}
+    for recompute in (False, True):
+        model = model_with(attn_layers=(1,), recompute_gdn=recompute).train()
+        loss = model(ids, targets=targets)
+        loss.backward()
+        small = saved_for_backward(model, lambda m=model: m(ids[:, :128], targets=targets[:, :128]), tokens=256)
+        large = saved_for_backward(model, lambda m=model: m(ids, targets=targets), tokens=512)
+        runs[recompute] = (loss.detach(), [p.grad for p in model.parameters()], bytes_per_token(small, large),
+                           model.eval())
+    (loss, grads, kept, plain), (loss_r, grads_r, kept_r, recomputed) = runs[False], runs[True]
+    assert torch.equal(loss, loss_r) and all(torch.equal(a, b) for a, b in zip(grads, grads_r, strict=True))
+    gdn = [f"model.layers.{i}.attn" for i in (0, 2)]
+    for name in gdn:
+        assert kept_r[name] == TINY["hidden_size"] * 4  # the mixer's input, fp32
+        assert sum(v for k, v in kept_r.items() if k.startswith(name + ".")) == 0  # its submodules keep nothing
+        assert sum(v for k, v in kept.items() if k.startswith(name)) > 10 * kept_r[name]
+    assert kept_r["model.layers.1.attn"] == kept["model.layers.1.attn"]  # attention is not recomputed
+    prompts = ids[:, :5]
+    assert generate(plain, prompts, 6, temperature=0) == generate(recomputed, prompts, 6, temperature=0)
 
 
 def test_init_follows_fla():

@@ -174,8 +174,7 @@ def test_a_config_error_inside_a_notebook_is_one_line():
 
 def _running_a_cell(path: pathlib.Path, holding: str = "time.sleep") -> bool:
     """Whether papermill's output notebook at `path` marks the cell whose source holds `holding` as running
-    (its kernel is executing it): a Ctrl-C sent earlier, while the kernel still starts, tests another path
-    (and timed out in CI on a loaded machine)."""
+    (its kernel is executing it): a Ctrl-C sent earlier, while the kernel still starts, tests another path."""
     try:
         cells = json.loads(path.read_text())["cells"]
     except (FileNotFoundError, json.JSONDecodeError, KeyError):  # not written yet, or half written
@@ -193,7 +192,10 @@ def test_ctrl_c_stops_the_run_and_summarises_what_finished(tmp_path, make_notebo
     run_dir = tmp_path / "runs"
     child = subprocess.Popen([sys.executable, "-m", "gdn_lab", "run", "--profile", "full", "--notebooks-dir",
                               str(folder), "--run-dir", str(run_dir)], cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=subprocess.PIPE, text=True,
+                             # a suite started in the background (`nohup ... &`) ignores SIGINT, and so would the
+                             # child: Python then never turns Ctrl-C into KeyboardInterrupt
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         started = time.monotonic()
         while not _running_a_cell(run_dir / "01_sleeps" / "01_sleeps.ipynb") and time.monotonic() - started < 120:
