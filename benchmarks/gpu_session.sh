@@ -88,7 +88,7 @@ pack_partial() {  # pack_partial JOB STEM ARGS...: $R/partial/STEM/{partial.json
 
 case "${1:-}" in
 timings)
-  # TIMED and BACKGROUND choose the steps (default: all); e.g. TIMED=train_throughput BACKGROUND="nb04 nb02+nb05"
+  # TIMED and BACKGROUND choose the steps (default: all but memory); e.g. TIMED=memory BACKGROUND="nb04 nb02+nb05"
   # (the chain runs its jobs one after another, "a+b" side by side: without MPS=1 processes time-slice one GPU)
   # (TIMED="" runs none: `-` not `:-`, which took an empty TIMED for unset and cost the sixth session 4 minutes)
   timed_steps=${TIMED-parity train_throughput long_context}
@@ -100,6 +100,10 @@ timings)
       train_throughput) timed 240 train_throughput python3 benchmarks/train_throughput.py \
         --models gdn fla transformer gdn_v64 --out "$R/train_throughput_${DEV}.json" ;;
       long_context) timed 150 long_context python3 benchmarks/long_context.py --out "$R/long_context_${DEV}.json" ;;
+      # issue 23: the recompute_gdn lever's peak memory and cost at 16k, eager and graphed, beside the transformer
+      memory) timed 300 memory python3 benchmarks/train_throughput.py --contexts 16384 --rounds 2 \
+        --models gdn gdn_recompute transformer gdn+graph gdn_recompute+graph transformer+graph \
+        --out "$R/train_memory_${DEV}.json" ;;
       *) echo "unknown timed step $step" >&2 ;;
     esac
   done

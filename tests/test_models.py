@@ -229,7 +229,7 @@ def test_recomputed_gdn_mixers_give_the_same_gradients_and_keep_only_their_input
     for name in gdn:
         assert kept_r[name] == TINY["hidden_size"] * 4  # the mixer's input, fp32
         assert sum(v for k, v in kept_r.items() if k.startswith(name + ".")) == 0  # its submodules keep nothing
-        assert sum(v for k, v in kept.items() if k.startswith(name)) > 10 * kept_r[name]
+        assert sum(v for k, v in kept.items() if k == name or k.startswith(name + ".")) > 10 * kept_r[name]
     assert kept_r["model.layers.1.attn"] == kept["model.layers.1.attn"]  # attention is not recomputed
     prompts = ids[:, :5]
     assert generate(plain, prompts, 6, temperature=0) == generate(recomputed, prompts, 6, temperature=0)
