@@ -124,8 +124,13 @@ def run_cell(name: str, model: torch.nn.Module, context: int, args, device: torc
     With `profile` (GPU only) two more steps run under the profiler: record["profile"] (`kernel_profile`)."""
     batch = max(1, args.tokens_per_step // context)
     record = {"model": name, "context": context, "batch": batch, "tokens_per_step": batch * context * world_size,
-              "world_size": world_size, "status": "ok", "tokens_per_s": None, "ms_per_step": None, "peak_mib": None}
+              "world_size": world_size, "status": "ok", "tokens_per_s": None, "ms_per_step": None, "peak_mib": None,
+              "own_peak_mib": None}
     free_memory(device)
+    # the other models' weights stay on the device during this cell: own_peak_mib leaves them out, so that
+    # the memory ratios compare steps, not how many models this run built
+    own_weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    others = torch.cuda.memory_allocated(device) - own_weights if device.type == "cuda" else None
     ddp = world_size > 1
     module = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index]) if ddp else model
     graph = name.endswith(GRAPH)
@@ -172,6 +177,7 @@ def run_cell(name: str, model: torch.nn.Module, context: int, args, device: torc
         peak = peak_mib(device)
         record.update(tokens_per_s=record["tokens_per_step"] * args.steps / seconds,
                       ms_per_step=seconds / args.steps * 1e3, peak_mib=peak,
+                      own_peak_mib=None if peak is None else peak - others / 2**20,
                       memory=memory_breakdown(model, optimizer, resident, None if peak is None else int(peak * 2**20),
                                               batch * context * args.vocab_size))
         if profile and device.type == "cuda":
@@ -216,7 +222,8 @@ def rotated(names: list[str], shift: int) -> list[str]:
 
 def median_records(cells: list[dict], names: list[str], contexts: tuple[int, ...]) -> list[dict]:
     """One record per (model, context) from its timed rounds: the median round's ms/step (and its
-    tokens/s), the highest peak memory, each round's tokens/s under `rounds`; 'oom' if any round was."""
+    tokens/s), the highest peak memory (peak_mib: everything allocated; own_peak_mib: less the other
+    models' weights), each round's tokens/s under `rounds`; 'oom' if any round was."""
     records = []
     for name in names:
         for context in contexts:
@@ -225,12 +232,13 @@ def median_records(cells: list[dict], names: list[str], contexts: tuple[int, ...
             record["rounds"] = [c["tokens_per_s"] for c in runs]
             if any(c["status"] != "ok" for c in runs):
                 record.update(status=next(c["status"] for c in runs if c["status"] != "ok"),
-                              tokens_per_s=None, ms_per_step=None, peak_mib=None)
+                              tokens_per_s=None, ms_per_step=None, peak_mib=None, own_peak_mib=None)
             else:
                 ms = statistics.median(c["ms_per_step"] for c in runs)
-                peaks = [c["peak_mib"] for c in runs if c["peak_mib"] is not None]
-                record.update(ms_per_step=ms, tokens_per_s=record["tokens_per_step"] / ms * 1e3,
-                              peak_mib=max(peaks) if peaks else None)
+                record.update(ms_per_step=ms, tokens_per_s=record["tokens_per_step"] / ms * 1e3)
+                for field in ("peak_mib", "own_peak_mib"):
+                    peaks = [c.get(field) for c in runs if c.get(field) is not None]
+                    record[field] = max(peaks) if peaks else None
             records.append(record)
     return records
 
@@ -239,7 +247,7 @@ def lookup(records: list[dict], name: str, context: int, field: str = "tokens_pe
     """`field` of the cell (name, context), None when it did not run or did not finish."""
     for r in records:
         if (r["model"], r["context"]) == (name, context) and r["status"] == "ok":
-            return r[field]
+            return r.get(field)
     return None
 
 
@@ -255,8 +263,8 @@ def summarize(records: list[dict], contexts: tuple[int, ...]) -> tuple[dict, lis
             ratios[key][str(context)] = _ratio(lookup(records, name, context), lookup(records, other, context))
     for key, (name, other) in {"gdn_peak_over_transformer": ("gdn", "transformer"),
                                "gdn_recompute_peak_over_transformer": ("gdn_recompute", "transformer")}.items():
-        ratios[key] = {str(c): _ratio(lookup(records, name, c, "peak_mib"), lookup(records, other, c, "peak_mib"))
-                       for c in contexts}
+        ratios[key] = {str(c): _ratio(lookup(records, name, c, "own_peak_mib"),
+                                      lookup(records, other, c, "own_peak_mib")) for c in contexts}
     targets = []
     optional = {key for key, _, _ in MEMORY_TARGETS + (RECOMPUTE_TARGET,)}
     for key, context, floor in (TARGETS + tuple((key + GRAPH, context, floor) for key, context, floor in TARGETS)

@@ -351,26 +351,29 @@ def extend_at_edges(trials: Sequence[Trial], run_dir: str | pathlib.Path, record
     """Bracket every best rate: `run`'s trials and records, with one more trial a grid step beyond the
     edge (`beyond_edge`: 1e-4 below {3e-4, 1e-3, 3e-3}, 1e-2 above) for each (point, seed) whose best
     rate is the lowest or the highest it was trained at and scored strictly better there than at the
-    next rate inward (`at_grid_edge`; with `solved` (higher_is_better metrics), one that reached it is
-    left alone); up to `rounds` times. A best rate at the edge of its grid is not a tuned rate: the
-    optimum may lie beyond it (zoology sweeps 1e-4 .. 1e-2). A grid of two rates grows toward the
-    better one: three rates for the price of a third where the first two say where to look.
-    Resumable as `run` is.
+    next rate inward (`at_grid_edge`); up to `rounds` times. Left alone: a best trial that stopped
+    early (it reached its training target, `TrainConfig.stop_at_val_acc`, and a rate beyond would
+    stop there too) and, with `solved` (a metric where higher is better), one whose metric reached
+    it. A best rate at the edge of its grid is not a tuned rate: the optimum may lie beyond it
+    (zoology sweeps 1e-4 .. 1e-2). A grid of two rates grows toward the better one: three rates for
+    the price of a third where the first two say where to look. Resumable as `run` is.
 
     Returns (trials, records) with the new ones appended, aligned as `run`'s, for `best_over_lr`,
     `ensure_checkpoints` and the rest.
     """
+    if solved is not None and not higher_is_better:
+        raise ConfigError(f"solved={solved} is a threshold to reach from below; a metric to minimise "
+                          f"({metric!r}, higher_is_better=False) takes solved=None")
     run_dir = pathlib.Path(run_dir)
     trials, records = list(trials), list(records)
     for _ in range(max(0, rounds)):
         index = {str(run_dir / trial.folder): i for i, trial in enumerate(trials)}
         best = best_over_lr(records, metric, higher_is_better)
-        edges = at_grid_edge(best, metric if solved is not None else None, solved if higher_is_better else None,
-                             min_rates=2)
+        edges = at_grid_edge(best, metric if solved is not None else None, solved, min_rates=2)
         extra = []
         for side, rows in edges.items():
             for record in rows:
-                if _beats_inward_neighbour(record, side, higher_is_better):
+                if not record.get("stopped_early") and _beats_inward_neighbour(record, side, higher_is_better):
                     trial = trials[index[str(pathlib.Path(record["run_dir"]))]]
                     rate = beyond_edge([float(rate) for rate in record["lr_scores"]], side)
                     extra.append(dataclasses.replace(trial, train_config=trial.train_config.replace(lr=rate)))

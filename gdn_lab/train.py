@@ -152,16 +152,20 @@ def launch_from_env(train_config: TrainConfig) -> Launch:
 def shutdown_distributed(clean: bool = True) -> None:
     """End torch.distributed in this process, if it was started.
 
-    `clean` (every rank got here without an error): first a barrier, so no rank tears its group down
+    `clean` (this rank got here without an error): first a barrier, so no rank tears its group down
     while a peer still talks to it (gloo aborts the process, "terminate called without an active
     exception", when a peer's connection closes under a pending operation). After an error only this
-    rank's group is destroyed: a barrier would wait for ranks that may never arrive.
+    rank's group is destroyed: a barrier would wait for ranks that may never arrive. A rank that
+    failed alone (a checkpoint rank 0 could not write) leaves the others in that barrier; torchrun
+    (and torch.multiprocessing.spawn) end them when it exits non-zero.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return
-    if clean:
-        dist.barrier()
-    dist.destroy_process_group()
+    try:
+        if clean:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def _all_reduce_sum(tensor: torch.Tensor, launch: Launch) -> torch.Tensor:

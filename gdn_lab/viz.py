@@ -290,6 +290,20 @@ def line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], x_t
     return fig
 
 
+def saved_memory_bars(saved: Mapping[str, Mapping[str, float]], title: str = "") -> go.Figure:
+    """Bytes kept for the backward per token, by module, one bar group per module and a bar per model:
+    {"gdn": {"model.layers.*.attn": 9816.0, ...}, "transformer": {...}} (`gdn_lab.memory.over_layers` of
+    `bytes_per_token`; train_throughput's "saved_bytes_per_token"), in KiB; the model's own forward
+    ("": the loss and the logits) is labelled "model (loss, logits)"."""
+    parts = list(dict.fromkeys(part for per_model in saved.values() for part in per_model))
+    labels = [part or "model (loss, logits)" for part in parts]
+    fig = go.Figure([go.Bar(x=labels, y=[per_model.get(part, 0.0) / 1024 for part in parts], name=name,
+                            marker_color=_color(i)) for i, (name, per_model) in enumerate(saved.items())])
+    fig.update_layout(title=title, barmode="group", xaxis_title="module (summed over layers)",
+                      yaxis_title="KiB per token kept for the backward")
+    return fig
+
+
 def seed_summary_plot(rows: Sequence[Mapping], x: str, x_title: str, y_title: str, by: str = "model",
                       title: str = "", log_x: bool = False) -> go.Figure:
     """Rows of `gdn_lab.grid.over_seeds` (one per point: labels, "mean", "min", "max", "n") as one

@@ -164,6 +164,11 @@ def test_extend_at_edges_brackets_each_best_rate(tmp_path, monkeypatch):
     _, losses = grid.extend_at_edges(trials[:12], tmp_path, [{**r, "loss": -r["accuracy"]} for r in records[:12]],
                                      "loss", higher_is_better=False, rounds=1)
     assert len(losses) == 14  # the same two edges, read as a loss to minimise
+    stopped = [{**r, "stopped_early": r["seed"] == 0} for r in records[:12]]
+    _, kept = grid.extend_at_edges(trials[:12], tmp_path, stopped, "accuracy", rounds=1)
+    assert [(r["seed"], r["lr"]) for r in kept[12:]] == [(3, 1e-2)]  # seed 0 reached its training target
+    with pytest.raises(ConfigError, match="solved=None"):
+        grid.extend_at_edges(trials[:12], tmp_path, records[:12], "final_val_loss", higher_is_better=False, solved=1.0)
     pair = [t for t in trials[:12] if t.train_config.lr != 1e-3]  # a grid of two rates grows toward the better
     _, grown = grid.extend_at_edges(pair, tmp_path, [r for r in records[:12] if r["lr"] != 1e-3], "accuracy")
     assert sorted((r["seed"], r["lr"]) for r in grown[8:]) == [(0, 3e-5), (2, 3e-2), (3, 3e-2)]  # a step of 10x

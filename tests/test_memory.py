@@ -28,6 +28,23 @@ def test_each_saved_storage_counts_once_for_the_module_that_saved_it_first():
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())  # the hooks are gone
 
 
+def test_the_measured_graph_is_freed():
+    """What the pass saved is freed when it returns (handing autograd back the very tensors it saved kept each
+    graph alive in a reference cycle gc cannot see), also when the pass saved nothing."""
+    import gc
+    import weakref
+
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(4, 8)
+    outputs = []  # ReLU saves its own output for the backward
+    net[1].register_forward_hook(lambda _m, _a, out: outputs.append(weakref.ref(out)))
+    saved = saved_for_backward(net, lambda: net(x).sum(), tokens=4)
+    gc.collect()
+    assert saved.by_module["1"] == 4 * 16 * 4 and outputs and outputs[0]() is None
+    with torch.no_grad():
+        assert saved_for_backward(net, lambda: net(x), tokens=4).total == 0
+
+
 def test_the_hooks_go_when_the_pass_raises():
     net = nn.Sequential(nn.Linear(4, 4))
     with pytest.raises(RuntimeError):

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import yaml
-from conftest import NOTEBOOKS_DIR
+from conftest import NOTEBOOKS_DIR, load_benchmark
 
 from gdn_lab import grid
 from gdn_lab.data import ByteTokenizer
@@ -325,6 +325,20 @@ def test_04_hybrids_shows_the_committed_gpu_sweep(tmp_path):
     assert m["chosen_lr"] == {v["name"]: v["lr"] for v in saved["variants"]}
     assert m["seed_noise"] is None and m["seed_pairs_tied"] == 0 and m["ties_with_best"] == []
     assert m["stability_steps"] == [150, 175, 200, 203]  # the last 30% of 203 steps
+
+
+def test_06_draws_what_each_module_keeps_for_the_backward(tmp_path):
+    """A throughput file with gdn_lab.memory's breakdown (a CPU smoke run here): notebook 06 draws it."""
+    results_dir = tmp_path / "results"
+    load_benchmark("train_throughput").main(["--smoke", "--device", "cpu", "--models", "gdn", "transformer",
+                                             "--contexts", "32", "--rounds", "1",
+                                             "--out", str(results_dir / "train_throughput_cpu.json")])
+    (run,) = run_notebooks([NOTEBOOKS_DIR / "06_benchmarks.ipynb"], "smoke", tmp_path / "run", progress=False,
+                           overrides={"results_dir": str(results_dir), "benchmarks": ["train_throughput"]})
+    assert run.status == "ok", run.error
+    saved = json.loads((results_dir / "train_throughput_cpu.json").read_text())["results"]["saved_bytes_per_token"]
+    assert run.metrics["train_throughput"]["train_throughput_cpu.json"]["saved_bytes_per_token"] == saved
+    assert run.metrics["figures"] == 2  # tokens/s against context (no peak memory on the CPU), and the bars
 
 
 def test_04_hybrids_reproduces_the_committed_full_protocol(tmp_path):

@@ -110,6 +110,15 @@ def test_line_plot_draws_a_trace_per_series():
     assert [trace.name for trace in fig.data] == ["gdn", "attn"] and fig.layout.xaxis.type == "log"
 
 
+def test_saved_memory_bars_group_the_modules_of_every_model():
+    saved = {"gdn": {"model.layers.*.attn": 2048.0, "": 1024.0}, "transformer": {"model.layers.*.mlp": 512.0}}
+    fig = viz.saved_memory_bars(saved, title="kept")
+    assert [t.name for t in fig.data] == ["gdn", "transformer"] and fig.layout.barmode == "group"
+    labels = ["model.layers.*.attn", "model (loss, logits)", "model.layers.*.mlp"]
+    assert list(fig.data[0].x) == list(fig.data[1].x) == labels
+    assert list(fig.data[0].y) == [2.0, 1.0, 0.0] and list(fig.data[1].y) == [0.0, 0.0, 0.5]  # KiB; 0 where absent
+
+
 def test_passkey_heatmap_has_a_depth_by_length_panel_per_model():
     records = [{"context_len": n, "depth": d, "accuracy": n / 1000 + d} for n in (256, 128) for d in (0.5, 0.0)]
     fig = viz.passkey_heatmap({"gdn": records, "transformer": records[1:]}, title="passkey")
