@@ -93,13 +93,15 @@ def memory_breakdown(model: torch.nn.Module, optimizer: torch.optim.Optimizer, r
 def fla_small_configs(smoke: bool, vocab_size: int, backend: str = "auto") -> dict[str, ModelConfig]:
     """GDN and transformer configs: FLA's 'small' (768d x 12L, 12 heads x 64), or 64d x 2L for --smoke;
     'gdn_v64' is the GDN with value dim = key dim (expand_v 1): within 6% of the transformer's parameters;
-    'gdn_recompute' the GDN with `recompute_gdn` (its mixers' activations recomputed in the backward)."""
+    'gdn_recompute' and 'gdn_recompute_core' the GDN with `recompute_gdn` 'mixer' and 'core' (its mixers'
+    activations, or those between the projections and o_proj, recomputed in the backward)."""
     base = get_preset("fla-small").model.replace(vocab_size=vocab_size, max_position_embeddings=65536,
                                                  backend=backend)
     if smoke:
         base = base.replace(hidden_size=64, num_layers=2, num_heads=2, head_dim=16, attn_num_heads=2)
     return {"gdn": base, "transformer": base.replace(attn_layers="transformer"), "gdn_v64": base.replace(expand_v=1.0),
-            "gdn_recompute": base.replace(recompute_gdn=True)}
+            "gdn_recompute": base.replace(recompute_gdn="mixer"),
+            "gdn_recompute_core": base.replace(recompute_gdn="core")}
 
 
 def model_configs(configs: dict[str, ModelConfig], models: dict[str, torch.nn.Module]) -> dict[str, dict]:
@@ -110,8 +112,8 @@ def model_configs(configs: dict[str, ModelConfig], models: dict[str, torch.nn.Mo
 def compared_models(configs: dict[str, ModelConfig], names: list[str], device: torch.device,
                     dtype: torch.dtype | None = None) -> tuple[dict[str, torch.nn.Module], dict[str, str]]:
     """Of `names`: 'gdn' (gdn_lab's LM from configs['gdn']), 'fla' (FLA's GatedDeltaNetForCausalLM with
-    the GDN model's weights, where FLA can run), 'transformer', 'gdn_v64' and 'gdn_recompute' (from their
-    configs; 'gdn_recompute' with the GDN model's weights), on
+    the GDN model's weights, where FLA can run), 'transformer', 'gdn_v64', 'gdn_recompute' and
+    'gdn_recompute_core' (from their configs; the recomputing ones with the GDN model's weights), on
     `device` in `dtype` (None: as built, fp32).
     The GDN model is always built first, so the transformer's weights do not depend on `names`; seed torch
     before calling.
@@ -132,9 +134,10 @@ def compared_models(configs: dict[str, ModelConfig], names: list[str], device: t
         models["transformer"] = build_model(configs["transformer"]).to(device=device, dtype=dtype)
     if "gdn_v64" in names:
         models["gdn_v64"] = build_model(configs["gdn_v64"]).to(device=device, dtype=dtype)
-    if "gdn_recompute" in names:  # the GDN model's weights: the same math, other memory
-        models["gdn_recompute"] = build_model(configs["gdn_recompute"]).to(device=device, dtype=dtype)
-        models["gdn_recompute"].load_state_dict(gdn.state_dict())
+    for name in ("gdn_recompute", "gdn_recompute_core"):
+        if name in names:  # the GDN model's weights: the same math, other memory
+            models[name] = build_model(configs[name]).to(device=device, dtype=dtype)
+            models[name].load_state_dict(gdn.state_dict())
     return models, notes
 
 

@@ -102,7 +102,8 @@ timings)
       long_context) timed 150 long_context python3 benchmarks/long_context.py --out "$R/long_context_${DEV}.json" ;;
       # issue 23: the recompute_gdn lever's peak memory and cost at 16k, eager and graphed, beside the transformer
       memory) timed 300 memory python3 benchmarks/train_throughput.py --contexts 16384 --rounds 2 \
-        --models gdn gdn_recompute transformer gdn+graph gdn_recompute+graph transformer+graph \
+        --models gdn gdn_recompute gdn_recompute_core transformer gdn+graph gdn_recompute+graph \
+        gdn_recompute_core+graph transformer+graph \
         --out "$R/train_memory_${DEV}.json" ;;
       *) echo "unknown timed step $step" >&2 ;;
     esac

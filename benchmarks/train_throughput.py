@@ -20,9 +20,11 @@ session's single sequential round put gdn_lab 1.5-5% behind FLA's model on ident
     gdn_v64      gdn_lab's GDN with value dim 64 (expand_v 1; the h100 preset): 141.5M parameters
                  against the transformer's 134.1M, where 'gdn' has 162.8M. Not in issue 5's targets:
                  the same comparison at near-equal parameters (--models ... gdn_v64 to add it)
-    gdn_recompute  'gdn' with its weights and `recompute_gdn=True`: each GDN mixer keeps only its input and
-                 runs its forward again in the backward. Issue 23's memory lever, measured against 'gdn'
-                 (throughput) and the transformer (peak memory): --models gdn transformer gdn_recompute
+    gdn_recompute  'gdn' with its weights and `recompute_gdn='mixer'`: each GDN mixer keeps only its input
+                 and runs its forward again in the backward; gdn_recompute_core with 'core': the mixers keep
+                 their projections' outputs and recompute conv, recurrence and gated norm (no matmul twice).
+                 Issue 23's memory levers, measured against 'gdn' (throughput) and the transformer (peak
+                 memory): --models gdn transformer gdn_recompute gdn_recompute_core
 
 Models: 768d x 12 layers, 12 heads x 64 (GDN value dim 128: FLA's quick-reference "small"),
 vocab 32000, fp32 weights under bf16 autocast as in training. A cell that runs out of memory is
@@ -80,14 +82,15 @@ GRAPH = "+graph"  # a model name with this suffix trains through gdn_lab.cuda_gr
 SMOKE_CONTEXTS = (32, 128)
 # batch-1 lengths between which the bytes saved for the backward are counted per token (gdn_lab.memory)
 SAVED_LENGTHS, SMOKE_SAVED_LENGTHS = (2048, 4096), (128, 256)
-BASE_MODELS = ("gdn", "fla", "transformer", "gdn_v64", "gdn_recompute")
+BASE_MODELS = ("gdn", "fla", "transformer", "gdn_v64", "gdn_recompute", "gdn_recompute_core")
 MODELS = BASE_MODELS + tuple(name + GRAPH for name in BASE_MODELS)
 DEFAULT_MODELS = ("gdn", "fla", "transformer")
 # issue 5: GDN >= 1.0x FLA's model at 1k and 16k, GDN >= 1.3x the SDPA transformer at 16k
 TARGETS = (("gdn_over_fla", 1024, 1.0), ("gdn_over_fla", 16384, 1.0), ("gdn_over_transformer", 16384, 1.3))
 # issue 23: GDN's peak memory <= 0.9x the transformer's at 16k, losing <= 3% throughput (the lever against plain gdn)
-MEMORY_TARGETS = (("gdn_peak_over_transformer", 16384, 0.9), ("gdn_recompute_peak_over_transformer", 16384, 0.9))
-RECOMPUTE_TARGET = ("gdn_recompute_over_gdn", 16384, 0.97)
+MEMORY_TARGETS = tuple((f"{name}_peak_over_transformer", 16384, 0.9)
+                       for name in ("gdn", "gdn_recompute", "gdn_recompute_core"))
+RECOMPUTE_TARGETS = (("gdn_recompute_over_gdn", 16384, 0.97), ("gdn_recompute_core_over_gdn", 16384, 0.97))
 
 
 class Timer:
@@ -255,20 +258,22 @@ def summarize(records: list[dict], contexts: tuple[int, ...]) -> tuple[dict, lis
     """Throughput ratios per context (gdn over fla, gdn over transformer, ...), peak-memory ratios, and
     issue 5's and issue 23's targets (those of pairs not run are left out)."""
     pairs = {"gdn_over_fla": ("gdn", "fla"), "gdn_over_transformer": ("gdn", "transformer"),
-             "gdn_v64_over_transformer": ("gdn_v64", "transformer"), "gdn_recompute_over_gdn": ("gdn_recompute", "gdn")}
+             "gdn_v64_over_transformer": ("gdn_v64", "transformer"),
+             "gdn_recompute_over_gdn": ("gdn_recompute", "gdn"),
+             "gdn_recompute_core_over_gdn": ("gdn_recompute_core", "gdn")}
     pairs.update({key + GRAPH: (name + GRAPH, other + GRAPH) for key, (name, other) in pairs.items()})
     ratios: dict = {key: {} for key in pairs}
     for context in contexts:
         for key, (name, other) in pairs.items():
             ratios[key][str(context)] = _ratio(lookup(records, name, context), lookup(records, other, context))
-    for key, (name, other) in {"gdn_peak_over_transformer": ("gdn", "transformer"),
-                               "gdn_recompute_peak_over_transformer": ("gdn_recompute", "transformer")}.items():
+    for key, _, _ in MEMORY_TARGETS:
+        name, other = key.removesuffix("_peak_over_transformer"), "transformer"
         ratios[key] = {str(c): _ratio(lookup(records, name, c, "own_peak_mib"),
                                       lookup(records, other, c, "own_peak_mib")) for c in contexts}
     targets = []
-    optional = {key for key, _, _ in MEMORY_TARGETS + (RECOMPUTE_TARGET,)}
+    optional = {key for key, _, _ in RECOMPUTE_TARGETS}
     for key, context, floor in (TARGETS + tuple((key + GRAPH, context, floor) for key, context, floor in TARGETS)
-                                + (RECOMPUTE_TARGET,)):
+                                + RECOMPUTE_TARGETS):
         if (key.endswith(GRAPH) or key in optional) and all(v is None for v in ratios[key].values()):
             continue  # the pair was not timed in this run
         value = ratios[key].get(str(context))

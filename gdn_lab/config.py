@@ -62,6 +62,15 @@ def check_gdn_settings(head_dim: int, expand_v: float, use_short_conv: bool, con
              f"{' with allow_neg_eigval' if allow_neg_eigval else ''}) or None to learn beta")
 
 
+RECOMPUTE_GDN = ("", "core", "mixer")  # ModelConfig.recompute_gdn: nothing, the core, the whole mixer
+
+
+def check_recompute_gdn(value: str) -> None:
+    """ConfigError (one line) unless `value` is one of RECOMPUTE_GDN."""
+    _require(value in RECOMPUTE_GDN, f"recompute_gdn={value!r}; use '' (keep every activation), 'core' (recompute "
+                                     f"conv, recurrence and gated norm) or 'mixer' (recompute the whole GDN mixer)")
+
+
 def check_attention_conv_size(conv_size: int, name: str = "attn_conv_size") -> None:
     """ConfigError (one line) unless the attention short conv is off (0) or at least 2 taps wide."""
     _require(conv_size == 0 or conv_size >= 2, f"{name}={conv_size}; use 0 (no conv) or a kernel width >= 2")
@@ -180,10 +189,11 @@ class ModelConfig:
     `attn_conv_size` > 0 puts a causal depthwise conv of that width on the attention mixer's
     q, k and v (after the projections, before RoPE; identity at init), as zoology's MQAR
     baselines do; 0 is plain attention.
-    `recompute_gdn`: each GDN mixer keeps only its input for the backward and runs its forward
-    again there (activation checkpointing, `torch.utils.checkpoint`): the same gradients, the
-    activations of conv, recurrence, norm and projections not kept, about one more forward of
-    each GDN mixer per step. Training only; decoding and evaluation are unchanged.
+    `recompute_gdn`: what GDN mixers recompute in the backward instead of keeping it (activation
+    checkpointing, `torch.utils.checkpoint`; the same gradients): "" nothing; "core" the short
+    conv, the recurrence and the gated norm (the projections' outputs are kept: no matmul runs
+    twice); "mixer" everything from the mixer's input (only it is kept; the projections run
+    twice). Training passes only; decoding and evaluation are unchanged.
     """
 
     vocab_size: int = 256
@@ -203,7 +213,7 @@ class ModelConfig:
     dt_min: float = 1e-3
     dt_max: float = 0.1
     fixed_beta: float | None = None
-    recompute_gdn: bool = False
+    recompute_gdn: str = ""
     # softmax attention mixers (SDPA + RoPE): full causal ('attn') and sliding-window ('swa')
     attn_num_heads: int = 4
     attn_num_kv_heads: int | None = None
@@ -250,6 +260,7 @@ class ModelConfig:
             _require(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)!r}")
         _require(self.initializer_range >= 0, f"initializer_range must be >= 0, got {self.initializer_range!r}")
         check_attention_conv_size(self.attn_conv_size)
+        check_recompute_gdn(self.recompute_gdn)
         if self.num_gdn_layers:
             check_gdn_settings(self.head_dim, self.expand_v, self.use_short_conv, self.conv_size, self.dt_min,
                                self.dt_max, self.fixed_beta, self.allow_neg_eigval)

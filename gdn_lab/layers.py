@@ -37,7 +37,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import ops
-from .config import BACKENDS, ConfigError, ModelConfig, check_attention_conv_size, check_gdn_settings
+from .config import (
+    BACKENDS,
+    ConfigError,
+    ModelConfig,
+    check_attention_conv_size,
+    check_gdn_settings,
+    check_recompute_gdn,
+)
 from .env import BackendError, check_training_backend, resolve_backend
 from .stacked import stacked_linear
 
@@ -244,13 +251,14 @@ class GatedDeltaNet(FromConfig, KernelBackend, nn.Module):
         dt_min: float = 1e-3,
         dt_max: float = 0.1,
         fixed_beta: float | None = None,
-        recompute_gdn: bool = False,
+        recompute_gdn: str = "",
         norm_eps: float = 1e-5,
         backend: str = "auto",
         layer_idx: int | None = None,
     ):
         super().__init__()
         check_gdn_settings(head_dim, expand_v, use_short_conv, conv_size, dt_min, dt_max, fixed_beta, allow_neg_eigval)
+        check_recompute_gdn(recompute_gdn)
         head_v_dim = head_dim * expand_v
         self._init_backend(backend)
         self.hidden_size, self.num_heads, self.expand_v = hidden_size, num_heads, expand_v
@@ -259,7 +267,7 @@ class GatedDeltaNet(FromConfig, KernelBackend, nn.Module):
         self.use_gate, self.use_short_conv, self.use_decay = use_gate, use_short_conv, use_decay
         self.allow_neg_eigval, self.conv_size, self.conv_bias = allow_neg_eigval, conv_size, conv_bias
         self.dt_min, self.dt_max, self.fixed_beta = dt_min, dt_max, fixed_beta
-        self.recompute = recompute_gdn  # training passes keep only x; the backward runs the forward again
+        self.recompute = recompute_gdn  # "", "core" or "mixer": what training passes recompute in the backward
         self.layer_idx = layer_idx
         self._training_backend_checked = False
 
@@ -433,6 +441,11 @@ class GatedDeltaNet(FromConfig, KernelBackend, nn.Module):
         # the projection layout of the fla forward (separate GEMMs when training / prefilling without a
         # state), so that probes recompute its bf16 roundings
         p = self.project(x, mask, separate=state is None and self.kernel_backend(x.device) == "fla")
+        return self.features_from(p, state, mask)
+
+    def features_from(self, p: GDNProjections, state: GDNState | None = None,
+                      mask: torch.Tensor | None = None) -> GDNFeatures:
+        """`features` from the projections `p`: short conv, SiLU, L2 norm of q and k, the gates."""
         qkv, conv_state = p.qkv, None
         if self.use_short_conv:
             weight, bias = self._conv_parameters()
@@ -441,20 +454,23 @@ class GatedDeltaNet(FromConfig, KernelBackend, nn.Module):
         g, beta = self._gates(p, mask)
         return GDNFeatures(l2_normalize(q), l2_normalize(k), v, g, beta, conv_state, p.gate)
 
-    def finish(self, o: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
-        """o [B, T, H, V], gate [B, T, H, V] (x W_g; None without use_gate) -> y [B, T, D]:
-        RMSNorm per head, times SiLU(gate), then o_proj."""
-        B, T = o.shape[:2]
+    def gated_norm(self, o: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        """o [B, T, H, V], gate [B, T, H, V] (x W_g; None without use_gate) -> [B, T, H, V]: RMSNorm per
+        head, times SiLU(gate) (FLA's fused kernel on the fla backend)."""
         if self.kernel_backend(o.device) == "fla":
             from fla.modules.norm.fused_norm_gate import rms_norm_gated
             from fla.modules.norm.layernorm import rms_norm
 
             weight, eps = self.o_norm.weight, self.o_norm.eps
-            o = (rms_norm_gated(x=o, g=gate, weight=weight, bias=None, activation="swish", eps=eps)
-                 if self.use_gate else rms_norm(o, weight, None, eps=eps))
-        else:
-            o = self.o_norm(o, gate)
-        return self.o_proj(o.reshape(B, T, -1))
+            return (rms_norm_gated(x=o, g=gate, weight=weight, bias=None, activation="swish", eps=eps)
+                    if self.use_gate else rms_norm(o, weight, None, eps=eps))
+        return self.o_norm(o, gate)
+
+    def finish(self, o: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        """o [B, T, H, V], gate [B, T, H, V] (x W_g; None without use_gate) -> y [B, T, D]:
+        RMSNorm per head, times SiLU(gate), then o_proj."""
+        B, T = o.shape[:2]
+        return self.o_proj(self.gated_norm(o, gate).reshape(B, T, -1))
 
     def forward(self, x: torch.Tensor, state: GDNState | None = None,
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, GDNState | None]:
@@ -463,37 +479,66 @@ class GatedDeltaNet(FromConfig, KernelBackend, nn.Module):
         the state is left untouched there, and y at those steps is finite but meaningless)."""
         if mask is not None:
             mask = mask.to(device=x.device, dtype=torch.bool)
-        if self.recompute and state is None and torch.is_grad_enabled():
-            # no RNG inside the layer, so no RNG state to save and restore (which CUDA-graph capture forbids)
-            return checkpoint(self._mix, x, None, mask, use_reentrant=False, preserve_rng_state=False)
+        if self._recomputing("mixer", state):
+            return _checkpoint(self._mix, x, None, mask)
         return self._mix(x, state, mask)
+
+    def _recomputing(self, part: str, state: GDNState | None) -> bool:
+        """Whether this pass recomputes `part` ('mixer' or 'core') in the backward: `recompute_gdn` asks
+        for it, and the pass trains (autograd records it, and no decoding state is carried)."""
+        return self.recompute == part and state is None and torch.is_grad_enabled()
 
     def _mix(self, x: torch.Tensor, state: GDNState | None,
              mask: torch.Tensor | None) -> tuple[torch.Tensor, GDNState | None]:
-        """`forward` on either backend, every activation kept for the backward."""
-        if self.kernel_backend(x.device) == "fla":
-            return self._forward_fla(x, state, mask)
-        f = self.features(x, state, mask)
-        o, final_state = ops.gated_delta_rule(f.q, f.k, f.v, f.g, f.beta,
-                                              initial_state=None if state is None else state.recurrent)
-        if state is not None:
-            state.update(f.conv_state, final_state)
-        return self.finish(o, f.gate), state
+        """`forward` on either backend: the projections, the core (`_core`: conv, recurrence, gated norm),
+        o_proj."""
+        fla = self.kernel_backend(x.device) == "fla"
+        if fla:
+            if self._overridden("features"):
+                raise BackendError(f"{type(self).__name__}.features is customised, but the fla backend runs FLA's "
+                                   f"fused conv and L2 norm instead of it: use backend='torch' "
+                                   f"(model.set_backend('torch')), or put the change in gates(), project() or "
+                                   f"finish(), which both backends call")
+            if torch.is_grad_enabled() and not self._training_backend_checked:
+                check_training_backend("fla", x.device)
+                self._training_backend_checked = True
+        p = self.project(x, mask, separate=state is None and fla)
+        # `finish` is the output hook both backends call; left as it is, its gated norm joins the core
+        # (recomputed with it under recompute_gdn='core') and its o_proj stays outside
+        norm = not self._overridden("finish")
+        if self._recomputing("core", state):
+            # the projections' outputs are what the backward keeps; passed as tensors so checkpoint saves them
+            names = [item.name for item in dataclasses.fields(p)]
+            o, state = _checkpoint(lambda *values: self._core(GDNProjections(*values), None, mask, fla, norm),
+                                   *(getattr(p, name) for name in names))
+        else:
+            o, state = self._core(p, state, mask, fla, norm)
+        if not norm:
+            return self.finish(o, p.gate), state
+        B, T = x.shape[:2]
+        return self.o_proj(o.reshape(B, T, -1)), state
 
-    def _forward_fla(self, x: torch.Tensor, state: GDNState | None,
-                     mask: torch.Tensor | None) -> tuple[torch.Tensor, GDNState | None]:
-        """The same math through FLA's kernels, called as `fla.layers.GatedDeltaNet` calls them."""
+    def _core(self, p: GDNProjections, state: GDNState | None, mask: torch.Tensor | None, fla: bool,
+              norm: bool = True) -> tuple[torch.Tensor, GDNState | None]:
+        """From the projections `p` to o [B, T, H, V]: short conv, recurrence (updating `state` when one
+        is carried) and, with `norm`, the gated norm (RMSNorm times SiLU(gate))."""
+        if fla:
+            o, state = self._recurrence_fla(p, state, mask)
+        else:
+            f = self.features_from(p, state, mask)
+            o, final_state = ops.gated_delta_rule(f.q, f.k, f.v, f.g, f.beta,
+                                                  initial_state=None if state is None else state.recurrent)
+            if state is not None:
+                state.update(f.conv_state, final_state)
+        return (self.gated_norm(o, p.gate) if norm else o), state
+
+    def _recurrence_fla(self, p: GDNProjections, state: GDNState | None,
+                        mask: torch.Tensor | None) -> tuple[torch.Tensor, GDNState | None]:
+        """Conv and recurrence through FLA's kernels, called as `fla.layers.GatedDeltaNet` calls them:
+        o [B, T, H, V] (before the gated norm) and the state, updated in place when one is carried."""
         from fla.modules.convolution import causal_conv1d
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 
-        if self._overridden("features"):
-            raise BackendError(f"{type(self).__name__}.features is customised, but the fla backend runs FLA's fused "
-                               f"conv and L2 norm instead of it: use backend='torch' (model.set_backend('torch')), "
-                               f"or put the change in gates(), project() or finish(), which both backends call")
-        if torch.is_grad_enabled() and not self._training_backend_checked:
-            check_training_backend("fla", x.device)
-            self._training_backend_checked = True
-        p = self.project(x, mask, separate=state is None)
         conv_state = None
         if self.use_short_conv and state is None:
             # training / prefill without a cache: one conv per projection on its contiguous input, each
@@ -511,7 +556,7 @@ class GatedDeltaNet(FromConfig, KernelBackend, nn.Module):
             q, k, v = self._split_heads(*self._split_qkv(qkv))
         else:
             q, k, v = self._split_heads(F.silu(p.q), F.silu(p.k), F.silu(p.v))
-        kernel = (fused_recurrent_gated_delta_rule if x.shape[1] <= 64 and not torch.is_grad_enabled()
+        kernel = (fused_recurrent_gated_delta_rule if q.shape[1] <= 64 and not torch.is_grad_enabled()
                   else chunk_gated_delta_rule)
         # The state layout is a compile-time switch of the kernels. With no state in or out (training),
         # take FLA's own layer's [V, K] variants, so both run the same kernels; a carried state is [K, V].
@@ -521,7 +566,14 @@ class GatedDeltaNet(FromConfig, KernelBackend, nn.Module):
                                 state_v_first=state is None)
         if state is not None:
             state.update(conv_state, final_state)
-        return self.finish(o, p.gate), state
+        return o, state
+
+
+def _checkpoint(function, *args):
+    """`function(*args)` with its activations recomputed in the backward (`torch.utils.checkpoint`, the
+    non-reentrant kind). No RNG runs inside a GDN layer, so no RNG state is saved and restored, which
+    CUDA-graph capture would forbid."""
+    return checkpoint(function, *args, use_reentrant=False, preserve_rng_state=False)
 
 
 @dataclass

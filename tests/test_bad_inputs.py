@@ -42,7 +42,7 @@ OUT_OF_RANGE = {
     "dtype": ["fp8", "float64", ""],
     # no range of their own: their values are checked where they are used (device: pick_device)
     "use_gate": [], "use_short_conv": [], "allow_neg_eigval": [], "use_decay": [], "tie_embeddings": [],
-    "recompute_gdn": [],
+    "recompute_gdn": ["all", "yes"],
     "device": [], "cuda_graph": [],
 }
 # ModelConfig with both mixers, so every check applies

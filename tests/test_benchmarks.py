@@ -36,16 +36,18 @@ def test_a_cell_reports_its_median_round(throughput):
 
 
 def test_smoke_run_times_each_cell_in_every_round(throughput, tmp_path):
-    results = throughput.main(["--smoke", "--device", "cpu", "--models", "gdn", "transformer", "gdn_v64",
-                               "gdn_recompute", "--contexts", "32", "--rounds", "2", "--out", str(tmp_path / "t.json")])
+    models = ["gdn", "transformer", "gdn_v64", "gdn_recompute", "gdn_recompute_core"]
+    results = throughput.main(["--smoke", "--device", "cpu", "--models", *models, "--contexts", "32", "--rounds", "2",
+                               "--out", str(tmp_path / "t.json")])
     records = results["records"]
     assert [(r["model"], r["context"]) for r in records] == [("gdn", 32), ("transformer", 32), ("gdn_v64", 32),
-                                                             ("gdn_recompute", 32)]
+                                                             ("gdn_recompute", 32), ("gdn_recompute_core", 32)]
     gdn, _, gdn_v64 = (results["parameters"][name] for name in ("gdn", "transformer", "gdn_v64"))
     assert gdn_v64 < gdn  # value dim 64 instead of 128
     recorded = json.loads((tmp_path / "t.json").read_text())["config"]["models"]
-    assert list(recorded) == ["gdn", "transformer", "gdn_v64", "gdn_recompute"]  # the config of every model timed
-    assert recorded["gdn_recompute"] == {**recorded["gdn"], "recompute_gdn": True}
+    assert list(recorded) == ["gdn", "transformer", "gdn_v64", "gdn_recompute", "gdn_recompute_core"]
+    assert recorded["gdn_recompute"] == {**recorded["gdn"], "recompute_gdn": "mixer"}
+    assert recorded["gdn_recompute_core"] == {**recorded["gdn"], "recompute_gdn": "core"}
     assert recorded["gdn_v64"]["expand_v"] == 1.0 and recorded["gdn"]["expand_v"] == 2.0
     for r in records:
         assert r["status"] == "ok" and len(r["rounds"]) == 2
@@ -53,8 +55,10 @@ def test_smoke_run_times_each_cell_in_every_round(throughput, tmp_path):
     assert results["ratios"]["gdn_over_transformer"]["32"] == pytest.approx(
         records[0]["tokens_per_s"] / records[1]["tokens_per_s"])
     saved = results["saved_bytes_per_token"]  # gdn_lab.memory's breakdown, summed over layers
-    assert list(saved) == ["gdn", "transformer", "gdn_v64", "gdn_recompute"]
-    assert 0 < saved["gdn_recompute"]["model.layers.*.attn"] < saved["gdn"]["model.layers.*.attn"] / 10
+    assert list(saved) == ["gdn", "transformer", "gdn_v64", "gdn_recompute", "gdn_recompute_core"]
+    kept = {name: sum(v for k, v in parts.items() if k.startswith("model.layers.*.attn.") or k == "model.layers.*.attn")
+            for name, parts in saved.items()}  # by each mixer and its submodules
+    assert 0 < kept["gdn_recompute"] < kept["gdn_recompute_core"] < kept["gdn"] / 4
     for parts in saved.values():
         assert parts["model.layers.*.attn"] > 0 and parts["model.layers.*.mlp"] > 0
     assert saved["gdn_v64"]["model.layers.*.attn"] < saved["gdn"]["model.layers.*.attn"]  # half the value dim
@@ -64,7 +68,7 @@ def test_smoke_run_times_each_cell_in_every_round(throughput, tmp_path):
     assert results["ratios"]["gdn_recompute_over_gdn"]["32"] == pytest.approx(
         records[3]["tokens_per_s"] / records[0]["tokens_per_s"])
     assert [t["ratio"] for t in results["targets"]] == [  # no peak memory on the CPU: no memory targets
-        "gdn_over_fla", "gdn_over_fla", "gdn_over_transformer", "gdn_recompute_over_gdn"]
+        "gdn_over_fla", "gdn_over_fla", "gdn_over_transformer", "gdn_recompute_over_gdn", "gdn_recompute_core_over_gdn"]
 
 
 @pytest.fixture(scope="module")

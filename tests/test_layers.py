@@ -165,6 +165,22 @@ def test_features_shapes_and_normalisation():
     assert f.conv_state.shape == (2, 2 * 16 + 32, 3)
 
 
+@pytest.mark.parametrize("recompute", ["", "core", "mixer"])
+def test_an_edited_finish_is_the_output_and_gradients_match_without_recompute(recompute):
+    """`finish` is an output hook both backends call (an edited one replaces the gated norm and o_proj), under
+    every `recompute_gdn`, whose gradients equal the plain layer's."""
+    x = inputs(steps=70).requires_grad_()  # two chunks
+    plain, layer = gdn(), gdn(recompute_gdn=recompute)
+    y_plain = plain(x)[0]
+    layer.finish = types.MethodType(lambda self, o, gate: 2 * GatedDeltaNet.finish(self, o, gate), layer)
+    y = layer(x)[0]
+    assert torch.allclose(y, 2 * y_plain, atol=FP32_ATOL)
+    del layer.finish  # the class's own again
+    (grad_plain,) = torch.autograd.grad(plain(x)[0].square().sum(), x)
+    (grad,) = torch.autograd.grad(layer(x)[0].square().sum(), x)
+    assert torch.equal(grad, grad_plain)
+
+
 def test_empty_state_shapes():
     layer = gdn(expand_v=1.5)
     state = layer.empty_state(3)

@@ -210,12 +210,14 @@ def test_tied_embeddings_share_one_tensor_and_train():
     assert model.lm_head.weight is model.model.embeddings.weight
 
 
-def test_recomputed_gdn_mixers_give_the_same_gradients_and_keep_only_their_input():
-    """`recompute_gdn`: bit-equal loss and gradients on the CPU, a GDN mixer keeping hidden_size fp32 values per
-    token for the backward (its input) instead of its activations, decoding untouched."""
+@pytest.mark.parametrize("part", ["core", "mixer"])
+def test_recomputed_gdn_mixers_give_the_same_gradients_and_keep_less(part):
+    """`recompute_gdn`: bit-equal loss and gradients on the CPU; what a GDN mixer keeps for the backward,
+    per token, is its input ('mixer'), or its input and its projections' outputs ('core': o_proj keeps
+    its own input); attention and decoding are untouched."""
     ids, targets = token_ids(2, 256), token_ids(2, 256, seed=2)
     runs = {}
-    for recompute in (False, True):
+    for recompute in ("", part):
         model = model_with(attn_layers=(1,), recompute_gdn=recompute).train()
         loss = model(ids, targets=targets)
         loss.backward()
@@ -223,13 +225,17 @@ def test_recomputed_gdn_mixers_give_the_same_gradients_and_keep_only_their_input
         large = saved_for_backward(model, lambda m=model: m(ids, targets=targets), tokens=512)
         runs[recompute] = (loss.detach(), [p.grad for p in model.parameters()], bytes_per_token(small, large),
                            model.eval())
-    (loss, grads, kept, plain), (loss_r, grads_r, kept_r, recomputed) = runs[False], runs[True]
+    (loss, grads, kept, plain), (loss_r, grads_r, kept_r, recomputed) = runs[""], runs[part]
     assert torch.equal(loss, loss_r) and all(torch.equal(a, b) for a, b in zip(grads, grads_r, strict=True))
-    gdn = [f"model.layers.{i}.attn" for i in (0, 2)]
-    for name in gdn:
-        assert kept_r[name] == TINY["hidden_size"] * 4  # the mixer's input, fp32
-        assert sum(v for k, v in kept_r.items() if k.startswith(name + ".")) == 0  # its submodules keep nothing
-        assert sum(v for k, v in kept.items() if k == name or k.startswith(name + ".")) > 10 * kept_r[name]
+    d, H = TINY["hidden_size"], TINY["num_heads"]
+    key_dim, value_dim = H * TINY["head_dim"], 2 * H * TINY["head_dim"]  # expand_v 2
+    projections = 2 * key_dim + value_dim + 2 * H + value_dim  # q, k, v, a, b, gate
+    expected = ({"": d * 4} if part == "mixer" else {"": (d + projections) * 4, ".o_proj": value_dim * 4})
+    for layer in (0, 2):  # the GDN layers
+        name = f"model.layers.{layer}.attn"
+        mixer = {k.removeprefix(name): v for k, v in kept_r.items() if k == name or k.startswith(name + ".")}
+        assert {k: v for k, v in mixer.items() if v} == expected
+        assert sum(v for k, v in kept.items() if k == name or k.startswith(name + ".")) > 8 * sum(mixer.values())
     assert kept_r["model.layers.1.attn"] == kept["model.layers.1.attn"]  # attention is not recomputed
     prompts = ids[:, :5]
     assert generate(plain, prompts, 6, temperature=0) == generate(recomputed, prompts, 6, temperature=0)
