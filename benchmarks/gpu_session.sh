@@ -104,7 +104,8 @@ timings)
       memory) timed 300 memory python3 benchmarks/train_throughput.py --contexts 16384 --rounds 2 \
         --models gdn gdn_recompute gdn_recompute_core transformer gdn+graph gdn_recompute+graph \
         gdn_recompute_core+graph transformer+graph \
-        --out "$R/train_memory_${DEV}.json" ;;
+        --out "$R/train_memory_${DEV}.json"
+        timed 300 recompute_tests python3 -m pytest -m gpu tests/test_gpu_train.py -k recompute -q -s ;;
       *) echo "unknown timed step $step" >&2 ;;
     esac
   done
