@@ -341,17 +341,18 @@ def still_closing(gaps: Sequence[dict], steps: Sequence[int]) -> bool:
 
 
 def run_sweep(variants: Mapping[str, ModelConfig], train_config: TrainConfig, data, sweep_dir: str | os.PathLike,
-              lr_by_variant: Mapping[str, float] | Callable[[ModelConfig], float] | None = None,
+              lr_by_variant: Mapping[str, float | Sequence[float]] | Callable[[ModelConfig], float] | None = None,
               learning_rates: Sequence[float] | None = None, seeds: int = 1, seeded: int | None = None,
               progress: bool = True, notes: dict | None = None) -> SweepResult:
     """Train every variant with `gdn_lab.train.train` on `data` under `train_config` (the protocol
     in the module docstring), each run in `sweep_dir/<name>/lr<lr>_seed<seed>`, and return the runs;
     finished runs are read back, not retrained.
 
-    learning_rates: the grid every variant trains at (first seed), its best rate kept; None: one rate
-    per variant from `lr_by_variant` (None: `seed_learning_rate`; a function of the ModelConfig, or
-    {name: lr}). seeds: how many seeds (train_config.seed and the next ones); seeded: how many of
-    the best variants get the extra seeds at their chosen rate (None: all).
+    learning_rates: the grid every variant trains at (first seed), its best rate kept; None: the rates
+    of each variant from `lr_by_variant` (None: `seed_learning_rate`; a function of the ModelConfig, or
+    {name: lr}, or {name: [lr, ...]}: a grid of its own per variant, its best rate kept). seeds: how
+    many seeds (train_config.seed and the next ones); seeded: how many of the best variants get the
+    extra seeds at their chosen rate (None: all).
     Every run is seeded with its seed before its model is built. Names, learning rates and existing
     run directories are all checked before the first run trains (those of the extra seeds before
     the first extra seed). notes: facts recorded in `setup` (the corpus name, say). progress:
@@ -369,7 +370,7 @@ def run_sweep(variants: Mapping[str, ModelConfig], train_config: TrainConfig, da
     if learning_rates is not None and not learning_rates:
         raise ConfigError("learning_rates is empty; give one rate or more, or None for lr_by_variant")
     rates = ({name: [float(r) for r in learning_rates] for name in variants} if learning_rates is not None
-             else {name: [lr] for name, lr in _learning_rates(variants, lr_by_variant).items()})
+             else _learning_rates(variants, lr_by_variant))
     setup = {"train": train_config.to_dict(), "data": data.describe() if hasattr(data, "describe") else None,
              "protocol": {"learning_rates": None if learning_rates is None else [float(r) for r in learning_rates],
                           "seeds": seeds, "seeded": seeded},
@@ -424,7 +425,8 @@ def _run_all(todo: Sequence[tuple[str, float, int]], variants: Mapping[str, Mode
                   f"seed {seed}): {'read back' if row.reused else 'trained'}, {loss}", flush=True)
 
 
-def _learning_rates(variants: Mapping[str, ModelConfig], rule) -> dict[str, float]:
+def _learning_rates(variants: Mapping[str, ModelConfig], rule) -> dict[str, list[float]]:
+    """{name: the rates it trains at} from `run_sweep`'s lr_by_variant."""
     if rule is None:
         rule = seed_learning_rate
     if isinstance(rule, Mapping):
@@ -432,8 +434,13 @@ def _learning_rates(variants: Mapping[str, ModelConfig], rule) -> dict[str, floa
         if missing:
             raise ConfigError(f"lr_by_variant has no learning rate for {missing}; add them or pass a function "
                               f"of the config such as seed_learning_rate")
-        return {name: float(rule[name]) for name in variants}
-    return {name: float(rule(config)) for name, config in variants.items()}
+        rates = {name: [float(r) for r in rule[name]] if isinstance(rule[name], Sequence) else [float(rule[name])]
+                 for name in variants}
+        empty = [name for name, values in rates.items() if not values]
+        if empty:
+            raise ConfigError(f"lr_by_variant gives {empty} no rate; give each variant one rate or more")
+        return rates
+    return {name: [float(rule(config))] for name, config in variants.items()}
 
 
 def _plain(config) -> dict:

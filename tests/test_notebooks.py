@@ -139,6 +139,8 @@ def check_04_hybrids(m: dict) -> None:
     # the longer runs: pure GDN and the transformer at `longer` x steps; the gap at each evaluation ends at
     # the gap of their final losses, and the 1x gap by step ends at the 1x means' gap
     assert m["longer_steps"] == smoke["longer"] * smoke["steps"]
+    for name, lr in m["longer_chosen_lr"].items():  # the best of 1 and 0.5 x the rate the grid chose
+        assert any(lr == pytest.approx(m["chosen_lr"][name] * f) for f in (1.0, 0.5))
     longer_loss, longer_gaps = m["longer_final_val_loss"], m["longer_gap_by_step"]
     assert [g["step"] for g in longer_gaps] == list(range(1, m["longer_steps"] + 1))  # eval_every 1
     assert longer_gaps[-1]["gap"] == pytest.approx(longer_loss["transformer"] - longer_loss["gdn"])

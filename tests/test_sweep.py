@@ -167,6 +167,16 @@ def test_diverged_variant_is_recorded_and_not_retrained(variants, data, tmp_path
     assert again["late"].status == "diverged" and again["late"].reused
 
 
+def test_each_variant_can_have_a_grid_of_its_own(variants, data, tmp_path):
+    rates = {"gdn": [1e-3, 5e-3], "late": [2e-3]}
+    result = run_sweep(variants, CONFIG, data, tmp_path, lr_by_variant=rates, progress=False)
+    assert sorted((run.name, run.lr) for run in result.runs) == [("gdn", 1e-3), ("gdn", 5e-3), ("late", 2e-3)]
+    losses = {run.lr: run.final_val_loss for run in result.runs_of("gdn")}
+    assert result.chosen_lr("gdn") == min(losses, key=losses.get) and result.chosen_lr("late") == 2e-3
+    with pytest.raises(ConfigError, match=r"gives \['late'\] no rate"):
+        run_sweep(variants, CONFIG, data, tmp_path, lr_by_variant={"gdn": [1e-3], "late": []}, progress=False)
+
+
 def test_seed_learning_rate_rule(variants):
     seed = hybrid_variants(SEED_12)
     assert {name: seed_learning_rate(config) for name, config in seed.items()} == {
