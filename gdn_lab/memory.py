@@ -8,16 +8,16 @@ Function, FLA's kernels included) saves for the backward:
 
     small = saved_for_backward(model, lambda: model(x[:, :1024], targets=y[:, :1024]), tokens=B * 1024)
     large = saved_for_backward(model, lambda: model(x, targets=y), tokens=B * 2048)   # x: [B, 2048]
-    per_token = bytes_per_token(small, large)   # {"model.layers.0.attn": 11584.0, ...} bytes per token
-    over_layers(per_token)                      # {"model.layers.*.attn": 23168.0, ...} summed over layers
+    per_token = bytes_per_token(small, large)   # {"model.layers.0.attn": bytes per token, ...}
+    over_layers(per_token)                      # {"model.layers.*.attn": summed over layers, ...}
 
 Each saved storage counts once, at its full size (views of one buffer, and a tensor several ops
 save, share a storage), for the innermost module running when it was first saved; the parameters'
 own storages are left out (they are not activations). What does not grow with the tokens (weights
 cast to bf16 under autocast, for instance) cancels in `bytes_per_token`, which is why it takes two
 measurements (at lengths of two chunks or more: one chunk takes its own path through GDN's
-chunked recurrence). A storage counts where it was saved, so a tensor made in one module and saved by the
-next counts for the second. This is the memory the backward needs, not the allocator's peak: kernel
+chunked recurrence). A storage counts where it was saved, so a tensor made in one module and saved
+by the next counts for the second. This is the memory the backward needs, not the allocator's peak: kernel
 workspaces and transient tensors come on top (benchmarks/train_throughput.py measures the peak).
 Tensors a custom autograd Function keeps as attributes of its ctx, not through save_for_backward,
 are not seen (FLA's GDN kernels save through save_for_backward).
