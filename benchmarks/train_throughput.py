@@ -270,21 +270,17 @@ def summarize(records: list[dict], contexts: tuple[int, ...]) -> tuple[dict, lis
         name, other = key.removesuffix("_peak_over_transformer"), "transformer"
         ratios[key] = {str(c): _ratio(lookup(records, name, c, "own_peak_mib"),
                                       lookup(records, other, c, "own_peak_mib")) for c in contexts}
+    graphed = tuple((key + GRAPH, context, floor) for key, context, floor in TARGETS)
+    checks = [(*target, ">=") for target in TARGETS + graphed + RECOMPUTE_TARGETS]
+    checks += [(*target, "<=") for target in MEMORY_TARGETS]
+    always = {key for key, _, _ in TARGETS}  # issue 5's own pairs are reported even when they did not run
     targets = []
-    optional = {key for key, _, _ in RECOMPUTE_TARGETS}
-    for key, context, floor in (TARGETS + tuple((key + GRAPH, context, floor) for key, context, floor in TARGETS)
-                                + RECOMPUTE_TARGETS):
-        if (key.endswith(GRAPH) or key in optional) and all(v is None for v in ratios[key].values()):
-            continue  # the pair was not timed in this run
+    for key, context, bound, sense in checks:
+        if key not in always and all(v is None for v in ratios[key].values()):
+            continue  # the pair was not run, or not measured (the CPU has no peak memory)
         value = ratios[key].get(str(context))
-        targets.append({"ratio": key, "context": context, "target": f">= {floor}", "value": value,
-                        "met": None if value is None else value >= floor})
-    for key, context, ceiling in MEMORY_TARGETS:
-        if all(v is None for v in ratios[key].values()):
-            continue  # not measured (the CPU has no peak memory) or the pair was not run
-        value = ratios[key].get(str(context))
-        targets.append({"ratio": key, "context": context, "target": f"<= {ceiling}", "value": value,
-                        "met": None if value is None else value <= ceiling})
+        met = None if value is None else value >= bound if sense == ">=" else value <= bound
+        targets.append({"ratio": key, "context": context, "target": f"{sense} {bound}", "value": value, "met": met})
     return ratios, targets
 
 

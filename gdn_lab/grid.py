@@ -375,7 +375,7 @@ def extend_at_edges(trials: Sequence[Trial], run_dir: str | pathlib.Path, record
             for record in rows:
                 if not record.get("stopped_early") and _beats_inward_neighbour(record, side, higher_is_better):
                     trial = trials[index[str(pathlib.Path(record["run_dir"]))]]
-                    rate = beyond_edge([float(rate) for rate in record["lr_scores"]], side)
+                    rate = beyond_edge(record["lr_scores"], side)  # its keys are the rates trained
                     extra.append(dataclasses.replace(trial, train_config=trial.train_config.replace(lr=rate)))
         if not extra:
             break

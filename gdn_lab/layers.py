@@ -438,10 +438,14 @@ class GatedDeltaNet(FromConfig, KernelBackend, nn.Module):
         x [B, T, D]; state supplies the conv inputs of earlier steps (read, not written);
         mask [B, T] bool, False at padded steps (conv input zeroed, g = beta = 0).
         """
-        # the projection layout of the fla forward (separate GEMMs when training / prefilling without a
-        # state), so that probes recompute its bf16 roundings
-        p = self.project(x, mask, separate=state is None and self.kernel_backend(x.device) == "fla")
-        return self.features_from(p, state, mask)
+        return self.features_from(self._forward_projections(x, state, mask), state, mask)
+
+    def _forward_projections(self, x: torch.Tensor, state: GDNState | None,
+                             mask: torch.Tensor | None) -> GDNProjections:
+        """`project` in the layout the forward uses: separate GEMMs on the fla backend when training or
+        prefilling without a state (contiguous inputs for FLA's kernels), one matmul otherwise; `features`
+        uses it too, so that the probes recompute the forward's bf16 roundings."""
+        return self.project(x, mask, separate=state is None and self.kernel_backend(x.device) == "fla")
 
     def features_from(self, p: GDNProjections, state: GDNState | None = None,
                       mask: torch.Tensor | None = None) -> GDNFeatures:
@@ -502,7 +506,7 @@ class GatedDeltaNet(FromConfig, KernelBackend, nn.Module):
             if torch.is_grad_enabled() and not self._training_backend_checked:
                 check_training_backend("fla", x.device)
                 self._training_backend_checked = True
-        p = self.project(x, mask, separate=state is None and fla)
+        p = self._forward_projections(x, state, mask)
         # `finish` is the output hook both backends call; left as it is, its gated norm joins the core
         # (recomputed with it under recompute_gdn='core') and its o_proj stays outside
         norm = not self._overridden("finish")
